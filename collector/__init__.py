@@ -1,0 +1,1 @@
+"""The central collector service (issue 5). Not built yet."""
