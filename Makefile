@@ -1,0 +1,50 @@
+# The two commands (README): `make demo` and `make test`. Both install what they need and are
+# safe to run again: every step checks before it changes anything.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+APT_PACKAGES := openssh-server openssh-client sshpass python3-venv python3-dev python3-bpfcc \
+                linux-headers-amd64 asciinema sqlite3 libpam-modules passwd procps
+KREL := $(shell uname -r)
+
+.PHONY: demo test setup system venv bench clean
+
+demo: setup
+	$(PY) tests/demo.py
+
+test: setup
+	$(PY) -m pytest -q tests
+
+bench: setup
+	$(PY) bench/login
+	$(PY) bench/spool
+
+setup: system venv
+
+# Debian packages; apt-get update only when something is missing. policy-rc.d (where present)
+# keeps the host's own sshd from being started by the openssh-server install.
+system:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:" $$missing; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+	@# BCC compiles against kernel headers; none match this kernel, Debian's amd64 headers serve.
+	@hdr=$$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -1); \
+	common=$$(ls -d /usr/src/linux-headers-*-common 2>/dev/null | sort -V | tail -1); \
+	mkdir -p /lib/modules/$(KREL); \
+	[ -e /lib/modules/$(KREL)/build ] || ln -s $$hdr /lib/modules/$(KREL)/build; \
+	[ -e /lib/modules/$(KREL)/source ] || ln -s $$common /lib/modules/$(KREL)/source
+	@mkdir -p /run/sshd
+
+# The virtualenv is made from Debian's python3 with system site packages: that is where BCC's
+# Python bindings (python3-bpfcc) live.
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	[ -x $(PY) ] || /usr/bin/python3 -m venv --system-site-packages $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	touch $@
+
+clean:
+	rm -rf $(VENV) *.egg-info build dist

@@ -1,0 +1,75 @@
+"""Pending PAM attempts: resolved into granted sessions or logged refusals, or reported alone.
+
+The hook records an attempt at the auth and account stages because it cannot see how the stack
+ends (see hook.py). Each attempt must end as exactly one outcome:
+- open_session deletes the connection's attempts (granted; the hook writes user.login success);
+- the sshd-log watcher consumes one attempt per refusal it reports for that connection, or all
+  of them when the connection ends, so an attempt seen by both PAM and sshd's log is one event;
+- `reap` reports what neither explained once the calling process is gone: a refusal sshd's log
+  did not show (another PAM service, a log that is not watched). Never dropped silently.
+"""
+from __future__ import annotations
+
+import os
+import time
+
+from sshtrail import events
+
+# Past this age an attempt is reported even if its process still runs: sshd's LoginGraceTime is
+# 120 s by default, so a live pre-auth connection cannot hold one this long.
+MAX_AGE = 900.0
+
+
+def conn_key(addr: str, port: int | None) -> str:
+    """The key the hook uses for an sshd connection (from SSH_CONNECTION: 'ADDR PORT')."""
+    return f"{addr} {port}"
+
+
+def consume(db, conn: str, *, everything: bool) -> int:
+    """Resolve the oldest attempt of a connection (one refusal = one attempt), or all of them."""
+    if everything:
+        return db.execute("DELETE FROM pam_attempts WHERE conn = ?", (conn,)).rowcount
+    return db.execute("DELETE FROM pam_attempts WHERE id = (SELECT min(id) FROM pam_attempts "
+                      "WHERE conn = ?)", (conn,)).rowcount
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def reap(spool, *, grace: float, now: float | None = None) -> list[dict]:
+    """Report attempts whose process has been gone for `grace` seconds (or that are older than
+    MAX_AGE) as refusals, one per connection, and delete them. Returns the events written."""
+    now = time.time() if now is None else now
+    with spool.transaction() as db:
+        rows = db.execute("SELECT id, conn, login, service, stage, pid, addr, time "
+                          "FROM pam_attempts WHERE time <= ? ORDER BY id", (now - grace,)).fetchall()
+    stale: dict[str, list] = {}
+    for row in rows:
+        _, conn, _, _, _, pid, _, started = row
+        if now - started >= MAX_AGE or not _alive(pid):
+            stale.setdefault(conn, []).append(row)
+    written = []
+    for conn, group in stale.items():
+        stages = {r[4] for r in group}
+        auth_tries = sum(1 for r in group if r[4] == "auth")
+        # An account-stage attempt means authentication itself had passed.
+        error = "account_denied" if "account" in stages else "auth_failed"
+        ev = events.new("user.login", at=group[-1][7], login=group[-1][2], success=False,
+                        method="password/keyboard-interactive" if auth_tries else "",
+                        error=error, service=group[-1][3], attempts=max(auth_tries, 1),
+                        message="PAM saw this attempt; it opened no session and sshd's log did "
+                                "not explain it")
+        if group[-1][6]:
+            ev["addr.remote"] = group[-1][6]
+        ids = [r[0] for r in group]
+        spool.append(ev, extra_sql=lambda db, ids=ids: db.executemany(
+            "DELETE FROM pam_attempts WHERE id = ?", [(i,) for i in ids]))
+        written.append(ev)
+    return written

@@ -1,0 +1,112 @@
+"""`sshtrail agent`: the root daemon on each host.
+
+For now it hosts the sshd-log watcher: it follows sshd's log, turns refusals into `user.login`
+failures, and reaps PAM attempts nothing else explained. Later issues add the session socket,
+the eBPF tracer and the uploader here. Logs go to stderr (journald picks them up); it stops
+cleanly on SIGTERM/SIGINT after writing what it has read.
+
+The log position is saved in the spool in the same transaction as the events it produced, so a
+crash never re-emits or skips a line.
+"""
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+
+from pam_module import attempts, sshd_log
+from sshtrail import events
+from sshtrail.spool import Spool
+
+log = logging.getLogger("sshtrail.agent")
+_POSITION_KEY = "sshd_log.position"
+REAP_EVERY = 5.0
+
+
+class LogWatcher:
+    """Follows sshd's log into the spool. `step()` does one pass, so tests can drive it."""
+
+    def __init__(self, spool: Spool, path: str, *, attempt_grace: float):
+        self.spool = spool
+        self.grace = attempt_grace
+        saved = spool.get_state(_POSITION_KEY)
+        if saved and saved.get("path") != path:
+            saved = None  # a different log file: its offsets mean nothing here
+        position = (saved["inode"], saved["offset"]) if saved else None
+        self.follower = sshd_log.LogFollower(path, position)
+        self.tracker = sshd_log.ConnectionTracker()
+        self.path = path
+        self._last_reap = 0.0
+
+    def step(self, now: float | None = None) -> int:
+        """Read what the log has now; write its refusals; reap stale attempts. Returns the
+        number of events written."""
+        now = time.time() if now is None else now
+        lines = self.follower.read_available()
+        refusals = []
+        for line in lines:
+            refusals += self.tracker.feed(line, now)
+        written = 0
+        if lines:
+            evs, resolutions = [], []
+            for r in refusals:
+                ev = events.new("user.login", at=r["time"], login=r["login"], success=False,
+                                method=r["method"], error=r["error"], message=r["message"],
+                                source="sshd_log")
+                if r.get("addr"):
+                    ev["addr.remote"] = (f"[{r['addr']}]" if ":" in r["addr"] else r["addr"]) + (
+                        f":{r['port']}" if r.get("port") else "")
+                if r.get("key"):
+                    ev["key"] = r["key"]
+                if r.get("attempts"):
+                    ev["attempts"] = r["attempts"]
+                evs.append(ev)
+                if r.get("port"):
+                    resolutions.append((attempts.conn_key(r["addr"], r["port"]),
+                                        r.get("ends_connection", False)))
+            inode, offset = self.follower.position()
+            position = {"path": self.path, "inode": inode, "offset": offset}
+
+            def bookkeeping(db):
+                for conn, everything in resolutions:
+                    attempts.consume(db, conn, everything=everything)
+                db.execute("INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)",
+                           (_POSITION_KEY, events.to_json(position)))
+            if evs:
+                self.spool.append(*evs, extra_sql=bookkeeping)
+            else:
+                with self.spool.transaction() as db:
+                    bookkeeping(db)
+            written += len(evs)
+        if now - self._last_reap >= REAP_EVERY and not lines:
+            # Only once caught up with the log, so sshd's own account of an attempt wins.
+            self._last_reap = now
+            written += len(attempts.reap(self.spool, grace=self.grace, now=now))
+        return written
+
+
+def run(cfg, stop: threading.Event | None = None) -> int:
+    """Run until SIGTERM/SIGINT (or `stop` is set). Returns the exit status."""
+    stop = stop or threading.Event()
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
+    spool = Spool.from_config(cfg)
+    spool.append(events.new("agent.start", message=f"watching {cfg['sshd_log.path']}"))
+    log.info("agent started; spool %s; sshd log %s", cfg["spool.path"], cfg["sshd_log.path"])
+    watcher = LogWatcher(spool, cfg["sshd_log.path"], attempt_grace=cfg["pam.attempt_grace"])
+    try:
+        while not stop.is_set():
+            try:
+                if watcher.step() == 0:
+                    stop.wait(cfg["sshd_log.poll_interval"])
+            except Exception as e:  # noqa: BLE001 - a bad pass must not end the agent
+                log.error("log watcher pass failed: %s; retrying", e)
+                stop.wait(1.0)
+        watcher.step()  # what was already in the log when asked to stop
+    finally:
+        spool.append(events.new("agent.stop"))
+        spool.close()
+        log.info("agent stopped")
+    return 0

@@ -1,0 +1,191 @@
+"""sshtrail's one config file (TOML), every key with a default, every default documented here.
+
+`DEFAULTS` below is the single place a key is defined; `sshtrail config --defaults` prints it as
+a commented TOML file (what packaging ships as /etc/sshtrail/sshtrail.toml). A malformed file is
+an error that names the key and line, never a traceback.
+
+Where the config comes from: `--config PATH`, else `$SSHTRAIL_CONFIG`, else DEFAULT_PATH. The PAM
+hook is the exception: it takes only `--config`, because the PAM environment it inherits can be
+set by the user logging in (pam_env's user_readenv), and a root process must not let the user
+choose its config.
+"""
+from __future__ import annotations
+
+import os
+import re
+import socket
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import SshtrailError
+
+DEFAULT_PATH = Path("/etc/sshtrail/sshtrail.toml")
+
+
+@dataclass(frozen=True)
+class Key:
+    name: str
+    default: object
+    doc: str
+    choices: tuple = ()
+
+
+DEFAULTS: tuple[Key, ...] = (
+    Key("server_id", "", "This host's identity in every event. Empty: /etc/machine-id, else the hostname."),
+    Key("server_hostname", "", "Hostname shown in events. Empty: the system hostname."),
+    Key("spool.path", "/var/spool/sshtrail/spool.db",
+        "The local spool (SQLite, WAL). Its directory is created root-only (0700)."),
+    Key("spool.max_bytes", 1 << 30,
+        "Size cap of the spool. Past it, events already delivered are pruned first; then on_full applies."),
+    Key("spool.on_full", "drop_new",
+        "When the spool is full of undelivered events: drop_new keeps the oldest evidence and counts "
+        "what it refuses; drop_oldest keeps the newest. Either way a spool.dropped event says how many.",
+        ("drop_new", "drop_oldest")),
+    Key("spool.busy_timeout", 2.0, "Seconds a writer waits for the spool's lock before giving up."),
+    Key("pam.timeout", 3.0,
+        "Hard limit, in seconds, on one run of the PAM hook; past it the hook gives up (and the "
+        "login goes on unless fail_closed)."),
+    Key("pam.fail_closed", False,
+        "true: refuse the login when the hook cannot record it. Applies after `sshtrail install` "
+        "is run again (it sets the PAM control word)."),
+    Key("pam.attempt_grace", 30.0,
+        "Seconds after an sshd connection is gone before a PAM attempt that opened no session and "
+        "that sshd's log did not explain is reported as a refusal by itself."),
+    Key("sshd_log.path", "/var/log/auth.log",
+        "sshd's log: a file written by syslog or `sshd -E`. Followed across rotation."),
+    Key("sshd_log.poll_interval", 0.2, "Seconds between reads of sshd's log when it is idle."),
+    Key("install.state_dir", "/var/lib/sshtrail/install",
+        "Where `sshtrail install` keeps its record of what it changed."),
+)
+_BY_NAME = {k.name: k for k in DEFAULTS}
+
+
+class ConfigError(SshtrailError, ValueError):
+    """A config problem; the message names the file, key and line and says what to do."""
+
+
+def _line_of(text: str, key: str) -> int | None:
+    # tomllib reports lines only for syntax errors; for a bad value we find the key ourselves.
+    leaf = key.rsplit(".", 1)[-1]
+    for n, line in enumerate(text.splitlines(), 1):
+        if re.match(rf"\s*(?:[\w\"-]+\s*\.\s*)*(\"?){re.escape(leaf)}\1\s*=", line):
+            return n
+    return None
+
+
+def _flatten(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in data.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten(v, name + "."))
+        else:
+            out[name] = v
+    return out
+
+
+class Config:
+    """Read-only view of the settings: `cfg["spool.path"]`. `source` is the file or None."""
+
+    def __init__(self, values: dict, source: Path | None):
+        self._values = values
+        self.source = source
+
+    def __getitem__(self, name: str):
+        return self._values[name]
+
+    @property
+    def server_id(self) -> str:
+        if self["server_id"]:
+            return self["server_id"]
+        try:
+            mid = Path("/etc/machine-id").read_text().strip()
+            if mid:
+                return mid
+        except OSError:
+            pass
+        return socket.gethostname()
+
+    @property
+    def server_hostname(self) -> str:
+        return self["server_hostname"] or socket.gethostname()
+
+
+def parse(text: str, source: str = "<config>") -> Config:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source}: not valid TOML: {e}. Fix that line, or see "
+                          "`sshtrail config --defaults` for a valid file.") from None
+    values = {k.name: k.default for k in DEFAULTS}
+    for name, value in _flatten(data).items():
+        where = f"{source}, line {_line_of(text, name) or '?'}"
+        key = _BY_NAME.get(name)
+        if key is None:
+            raise ConfigError(f"{where}: unknown key {name!r}. Known keys: "
+                              f"{', '.join(_BY_NAME)} (see `sshtrail config --defaults`).")
+        want = type(key.default)
+        if want is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if type(value) is not want:
+            raise ConfigError(f"{where}: {name} must be {_tname(want)}, got {value!r}.")
+        if key.choices and value not in key.choices:
+            raise ConfigError(f"{where}: {name} must be one of {', '.join(key.choices)}, got {value!r}.")
+        if want in (int, float) and value < 0:
+            raise ConfigError(f"{where}: {name} must not be negative, got {value!r}.")
+        values[name] = value
+    return Config(values, Path(source) if source != "<config>" else None)
+
+
+def _tname(t: type) -> str:
+    return {str: "a string", int: "an integer", float: "a number", bool: "a boolean (true/false)"}[t]
+
+
+def resolve_path(explicit: str | os.PathLike | None, *, use_env: bool = True) -> tuple[Path, bool]:
+    """The config file to read and whether it must exist (an explicit choice must)."""
+    if explicit:
+        return Path(explicit), True
+    env = os.environ.get("SSHTRAIL_CONFIG") if use_env else None
+    if env:
+        return Path(env), True
+    return DEFAULT_PATH, False
+
+
+def load(explicit: str | os.PathLike | None = None, *, use_env: bool = True) -> Config:
+    path, required = resolve_path(explicit, use_env=use_env)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        if required:
+            raise ConfigError(f"{path}: config file not found. Create it (see `sshtrail config "
+                              "--defaults`) or point --config / SSHTRAIL_CONFIG at the right file.") from None
+        return Config({k.name: k.default for k in DEFAULTS}, None)
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read config: {e}") from None
+    return parse(text, str(path))
+
+
+def render_defaults() -> str:
+    """The documented default file: every key, commented out at its default."""
+    out = ["# sshtrail configuration. Every key is shown at its default, commented out.", ""]
+    section = None
+    for key in DEFAULTS:
+        sect, _, leaf = key.name.rpartition(".")
+        if sect != section:
+            if sect:
+                out += ["", f"[{sect}]"]
+            section = sect
+        out.append(f"# {key.doc}")
+        if key.choices:
+            out.append(f"# One of: {', '.join(key.choices)}.")
+        out.append(f"# {leaf} = {_toml_value(key.default)}")
+    return "\n".join(out) + "\n"
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(v)

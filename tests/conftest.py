@@ -1,0 +1,101 @@
+"""Shared pytest fixtures: the sshd lab (tests/lab.py) and the root requirement of tests using it.
+
+Integration tests -- marked ``@pytest.mark.integration`` or using the ``lab``/``lab_factory``
+fixtures -- create users, write /etc/pam.d files and run a private sshd, so they need root. CI
+runs as root; elsewhere they are skipped with the reason, never half-run.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+import pytest
+
+# tests/ is not a package; make "import lab" work whatever pytest's import mode.
+_TESTS_DIR = str(Path(__file__).resolve().parent)
+if _TESTS_DIR not in sys.path:
+    sys.path.insert(0, _TESTS_DIR)
+
+from lab import SSHD, Lab, sweep_stale  # noqa: E402
+
+LAB_FIXTURES = {"lab", "lab_factory"}
+
+
+def _integration_skip_reason() -> str | None:
+    if os.geteuid() != 0:
+        return ("integration test needs root: it adds users, writes /etc/pam.d/sshd-sshtrail-* "
+                "and runs a private sshd (CI runs as root)")
+    missing = [p for p in (str(SSHD), "ssh", "ssh-keygen", "sshpass", "useradd")
+               if shutil.which(p) is None]
+    if missing:
+        return f"integration test needs {', '.join(missing)} (openssh-server, openssh-client, sshpass)"
+    return None
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "integration: drives a real sshd on loopback; needs root (skipped otherwise)")
+    # A CI timeout or `kill` sends SIGTERM, whose default action ends pytest without running
+    # fixture teardown or atexit: users and PAM files of live labs would stay on the host.
+    # Turned into KeyboardInterrupt, pytest stops as on Ctrl-C and the cleanups run.
+    if signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        def _on_sigterm(signum, frame):
+            raise KeyboardInterrupt("SIGTERM")
+        signal.signal(signal.SIGTERM, _on_sigterm)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    # Leftovers of an earlier run that was SIGKILLed (only lab-marked files and users whose
+    # creating process is dead; labs of other live runs are left alone).
+    if os.geteuid() == 0:
+        removed = sweep_stale()
+        if removed:
+            print(f"sshtrail lab: removed leftovers of dead runs: {', '.join(removed)}",
+                  file=sys.stderr)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    reason = _integration_skip_reason()
+    for item in items:
+        if LAB_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+        if reason and item.get_closest_marker("integration"):
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture
+def lab_factory(tmp_path: Path):
+    """make(name=None, *, start=True, extra_sshd_config="", pam_text=None) -> Lab, in its own
+    subdirectory of tmp_path; every lab made is cleaned up after the test, pass or fail."""
+    labs: list[Lab] = []
+
+    def make(name: str | None = None, *, start: bool = True, **kwargs) -> Lab:
+        name = name or "t" + secrets.token_hex(3)
+        lab = Lab(name, tmp_path / name, **kwargs)
+        labs.append(lab)
+        if start:
+            lab.start()
+        return lab
+
+    try:
+        yield make
+    finally:
+        errors = []
+        for lab in reversed(labs):
+            try:
+                lab.cleanup()
+            except Exception as exc:
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+
+
+@pytest.fixture
+def lab(lab_factory) -> Lab:
+    """A started lab: private sshd on 127.0.0.1:lab.port, PAM service lab.pam_service."""
+    return lab_factory()

@@ -1,0 +1,170 @@
+"""The spool: concurrent writers, SIGKILL mid-write, the size cap, claim and acknowledge."""
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+
+from sshtrail import events
+from sshtrail.spool import Spool, SpoolFull, SpoolError
+
+WRITER = r"""
+import sys
+from sshtrail import events
+from sshtrail.spool import Spool
+path, n, tag = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+s = Spool(path, server_id="h", server_hostname="h", busy_timeout=30)
+for i in range(n):
+    ev = events.new("user.login", login=f"{tag}-{i}", success=True, method="publickey")
+    s.append(ev)
+    # Printed only after the commit returned: an acknowledged write.
+    print(ev["uid"], flush=True)
+"""
+
+
+def spool(tmp_path, **kw):
+    return Spool(tmp_path / "spool" / "spool.db", server_id="h", server_hostname="h", **kw)
+
+
+def login(name="alice"):
+    return events.new("user.login", login=name, success=True, method="publickey")
+
+
+def test_created_root_only_in_wal_mode(tmp_path):
+    s = spool(tmp_path)
+    s.append(login())
+    assert os.stat(tmp_path / "spool").st_mode & 0o777 == 0o700
+    assert os.stat(s.path).st_mode & 0o777 == 0o600
+    assert s.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_fifty_concurrent_writers_lose_nothing(tmp_path):
+    path = tmp_path / "spool" / "spool.db"
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(path), "20", f"w{i}"],
+                              stdout=subprocess.PIPE, text=True) for i in range(50)]
+    acked = set()
+    for p in procs:
+        out, _ = p.communicate(timeout=120)
+        assert p.returncode == 0
+        acked.update(out.split())
+    assert len(acked) == 1000
+    stored = {ev["uid"] for ev in Spool(path).query()}
+    assert stored == acked
+
+
+def test_writer_killed_mid_write_leaves_readable_spool(tmp_path):
+    path = tmp_path / "spool" / "spool.db"
+    acked = set()
+    for round_ in range(8):
+        procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(path), "100000", f"k{round_}{i}"],
+                                  stdout=subprocess.PIPE, text=True) for i in range(4)]
+        time.sleep(0.4 + 0.1 * round_)
+        for p in procs:
+            p.send_signal(signal.SIGKILL)
+        for p in procs:
+            out, _ = p.communicate()
+            acked.update(out.split())
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    stored = {ev["uid"] for ev in Spool(path).query()}
+    assert acked and acked <= stored  # every acknowledged write survived
+
+
+def test_invalid_event_is_refused_and_nothing_written(tmp_path):
+    s = spool(tmp_path)
+    bad = events.new("user.login", login="x", success=False, method="password")  # no error
+    with pytest.raises(events.EventError, match="error: required"):
+        s.append(login("ok"), bad)
+    assert s.count() == 0
+
+
+def test_duplicate_uid_stored_once(tmp_path):
+    s = spool(tmp_path)
+    ev = login()
+    s.append(ev)
+    s.append(dict(ev))
+    assert s.count() == 1
+
+
+def test_unwritable_location_is_a_clear_error(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SpoolError, match="cannot open"):
+        Spool(tmp_path / "file" / "spool.db")
+
+
+def fill(s, n=2000):
+    for i in range(n):
+        try:
+            s.append(events.new("session.start", sid=f"s{i}", login="u" * 200))
+        except SpoolFull:
+            return i
+    return n
+
+
+def test_full_spool_prunes_delivered_first(tmp_path):
+    s = spool(tmp_path, max_bytes=256 * 1024)
+    stored = fill(s)
+    assert stored < 2000  # the cap bit
+    while (b := s.claim(500)):
+        s.ack(b.id)
+    assert fill(s, 100) == 100  # delivered events made room
+    # ...and the one event fill() was refused earlier is reported, not forgotten.
+    assert [(e["count"], e["sent"] if "sent" in e else 0) for e in s.query(kind="spool.dropped")] == [(1, 0)]
+    assert s.count(sent=False) == 101
+
+
+def test_drop_new_counts_and_reports(tmp_path):
+    s = spool(tmp_path, max_bytes=256 * 1024)
+    stored = fill(s)
+    refused = 5
+    for _ in range(refused):
+        with pytest.raises(SpoolFull):
+            s.append(login("late"))
+    first = [ev for ev in s.query(kind="session.start")][:1]
+    assert first[0]["sid"] == "s0"  # drop_new keeps the oldest evidence
+    while (b := s.claim(500)):
+        s.ack(b.id)
+    s.append(login("after"))
+    dropped = s.query(kind="spool.dropped")
+    assert len(dropped) == 1
+    assert dropped[0]["count"] == refused + 1  # the one fill() stopped on, plus ours
+    assert "drop_new" in dropped[0]["reason"]
+    assert stored > 0
+
+
+def test_drop_oldest_keeps_newest_and_reports(tmp_path):
+    s = spool(tmp_path, max_bytes=256 * 1024, on_full="drop_oldest")
+    assert fill(s, 3000) == 3000  # never refuses
+    sids = [ev["sid"] for ev in s.query(kind="session.start")]
+    assert sids[-1] == "s2999" and "s0" not in sids
+    dropped = s.query(kind="spool.dropped")
+    assert sum(ev["count"] for ev in dropped) == 3000 - len(sids)
+
+
+def test_claim_ack_and_lease(tmp_path):
+    s = spool(tmp_path)
+    for i in range(10):
+        s.append(login(f"u{i}"))
+    b1 = s.claim(4)
+    assert [ev["login"] for ev in b1.events] == ["u0", "u1", "u2", "u3"]
+    b2 = s.claim(100)
+    assert len(b2.events) == 6  # claimed rows are not handed out twice
+    assert s.claim(100) is None
+    assert s.ack(b1.id) == 4
+    # b2's uploader "died": after the lease the same events are claimed again.
+    again = s.claim(100, lease=0.0)
+    assert [ev["uid"] for ev in again.events] == [ev["uid"] for ev in b2.events]
+    s.ack(again.id)
+    assert s.count(sent=False) == 0 and s.count(sent=True) == 10
+
+
+def test_query_filters(tmp_path):
+    s = spool(tmp_path)
+    old = events.new("user.login", at=time.time() - 3600, login="alice", success=True, method="password")
+    s.append(old, login("bob"), events.new("session.start", sid="x", login="alice"))
+    assert [e["login"] for e in s.query(login="alice")] == ["alice", "alice"]
+    assert len(s.query(kind="user.login")) == 2
+    assert [e["login"] for e in s.query(since=time.time() - 60, kind="user.login")] == ["bob"]
