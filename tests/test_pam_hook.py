@@ -1,0 +1,156 @@
+"""The PAM hook run the way pam_exec.so runs it: a root process with the PAM environment.
+
+These drive `python -I -m pam_module.hook` directly with the environment sshd gives it (seen in
+a real sshd here); tests/test_login_trail.py drives it through a real sshd and real PAM.
+"""
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+
+from sshtrail import config
+from sshtrail.spool import Spool
+from syslog_sink import SyslogSink
+
+KEY = "AAAAC3NzaC1lZDI1NTE5AAAAIBWY77vFY7wvig/UJUmQmmM/Fn+xEcLiccBiVRTg4XSS"
+KEY_FP = "SHA256:4jBZ99usNnhJr7HuUrzcURnWCbMKeWkF6PN14WaYptY"  # as sshd logged it for this key
+
+
+@pytest.fixture
+def syslog_sink():
+    sink = SyslogSink()
+    yield sink
+    sink.close()
+
+
+@pytest.fixture
+def cfg_path(tmp_path):
+    p = tmp_path / "sshtrail.toml"
+    p.write_text(f'server_id = "hook-test"\n[spool]\npath = "{tmp_path}/spool/spool.db"\n')
+    return p
+
+
+def run_hook(cfg_path, pam_type, *, user="alice", env=None, timeout=20):
+    base = {"PAM_TYPE": pam_type, "PAM_USER": user, "PAM_SERVICE": "sshd", "PAM_TTY": "ssh",
+            "PAM_RHOST": "127.0.0.1", "SSH_CONNECTION": "127.0.0.1 50500 127.0.0.1 22"}
+    if pam_type in ("open_session", "close_session"):
+        base["SSH_AUTH_INFO_0"] = f"publickey ssh-ed25519 {KEY}\n"
+    base.update(env or {})
+    base = {k: v for k, v in base.items() if v is not None}
+    argv = [sys.executable, "-I", "-m", "pam_module.hook"]
+    if cfg_path:
+        argv += ["--config", str(cfg_path)]
+    return subprocess.run(argv, env=base, capture_output=True, text=True, timeout=timeout,
+                          cwd="/")
+
+
+def spooled(cfg_path, **kw):
+    s = Spool.from_config(config.load(cfg_path))
+    try:
+        return s.query(**kw)
+    finally:
+        s.close()
+
+
+def test_session_open_close_writes_login_start_end(cfg_path):
+    assert run_hook(cfg_path, "account").returncode == 0
+    assert run_hook(cfg_path, "open_session").returncode == 0
+    assert run_hook(cfg_path, "close_session").returncode == 0
+    evs = spooled(cfg_path)
+    assert [e["event"] for e in evs] == ["user.login", "session.start", "session.end"]
+    login, start, end = evs
+    assert login["success"] is True and login["method"] == "publickey"
+    assert login["key"] == f"ssh-ed25519 {KEY_FP}"
+    assert login["addr.remote"] == "127.0.0.1:50500" and login["server_id"] == "hook-test"
+    assert start["sid"] == end["sid"] and end["duration"] >= 0
+    # The account-stage attempt was resolved by the session: nothing left pending.
+    db = sqlite3.connect(config.load(cfg_path)["spool.path"])
+    assert db.execute("SELECT count(*) FROM pam_attempts").fetchone()[0] == 0
+
+
+def test_password_method_and_chained_methods(cfg_path):
+    run_hook(cfg_path, "open_session", env={"SSH_AUTH_INFO_0": "publickey ssh-ed25519 " + KEY
+                                            + "\nkeyboard-interactive\n"})
+    (login,) = spooled(cfg_path, kind="user.login")
+    assert login["method"] == "publickey,keyboard-interactive"
+
+
+def test_hook_never_sees_a_password(cfg_path):
+    # pam_exec without expose_authtok gives the hook no stdin; make sure it never waits on one.
+    r = subprocess.run([sys.executable, "-I", "-m", "pam_module.hook", "--config", str(cfg_path)],
+                       env={"PAM_TYPE": "auth", "PAM_USER": "alice"}, stdin=subprocess.PIPE,
+                       capture_output=True, timeout=10)
+    assert r.returncode == 0
+
+
+@pytest.mark.parametrize("env,reason", [
+    ({"PAM_TYPE": None}, "PAM_TYPE is missing"),
+    ({"PAM_TYPE": "reboot"}, "PAM_TYPE='reboot' is not one of"),
+    ({"PAM_USER": "ali\x1b]52;c;ZXZpbA==\x07ce"}, "PAM_USER is not a plausible value"),
+    ({"PAM_USER": "a" * 5000}, "PAM_USER is not a plausible value"),
+    ({"SSH_CONNECTION": "garbage"}, "SSH_CONNECTION='garbage' is not"),
+])
+def test_garbage_environment_fails_open_with_syslog(cfg_path, syslog_sink, env, reason):
+    r = run_hook(cfg_path, "open_session", env=env)
+    assert r.returncode == 1 and r.stdout == "" and "Traceback" not in r.stderr
+    msg = syslog_sink.wait_for(reason)
+    assert "sshtrail-pam" in msg and "could not record" in msg
+    assert not os.path.exists(config.load(cfg_path)["spool.path"]) or spooled(cfg_path) == []
+
+
+def test_unwritable_spool_reported_to_syslog(tmp_path, syslog_sink):
+    (tmp_path / "not-a-dir").write_text("")
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[spool]\npath = "{tmp_path}/not-a-dir/spool.db"\n')
+    r = run_hook(cfg, "open_session")
+    assert r.returncode == 1
+    syslog_sink.wait_for("cannot open")
+
+
+def test_malformed_config_reported_to_syslog(tmp_path, syslog_sink):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[pam]\ntimeout = 'soon'\n")
+    assert run_hook(cfg, "open_session").returncode == 1
+    syslog_sink.wait_for("pam.timeout must be a number")
+
+
+def test_hang_is_cut_at_the_timeout(tmp_path, syslog_sink):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[spool]\npath = "{tmp_path}/s/spool.db"\nbusy_timeout = 60.0\n'
+                   "[pam]\ntimeout = 1.0\n")
+    Spool(tmp_path / "s" / "spool.db").close()
+    holder = sqlite3.connect(tmp_path / "s" / "spool.db", isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")  # every writer now waits for the lock
+    try:
+        t0 = time.monotonic()
+        r = run_hook(cfg, "open_session")
+        elapsed = time.monotonic() - t0
+    finally:
+        holder.execute("ROLLBACK")
+    assert r.returncode != 0
+    assert elapsed < 10  # far below the 60 s the lock wait alone would take
+    syslog_sink.wait_for("gave up after 1s (pam.timeout)")
+
+
+def test_user_environment_cannot_steer_the_root_hook(tmp_path, cfg_path):
+    # A user can put variables into the PAM environment through ~/.pam_environment.
+    evil = tmp_path / "evil"
+    evil.mkdir()
+    marker = tmp_path / "pwned"
+    (evil / "sitecustomize.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n")
+    other = tmp_path / "other.toml"
+    other.write_text(f'[spool]\npath = "{tmp_path}/user-chosen.db"\n')
+    r = run_hook(cfg_path, "open_session", env={"PYTHONPATH": str(evil), "PYTHONSTARTUP": str(evil),
+                                                "SSHTRAIL_CONFIG": str(other)})
+    assert r.returncode == 0
+    assert not marker.exists()
+    assert not (tmp_path / "user-chosen.db").exists()
+    assert len(spooled(cfg_path, kind="user.login")) == 1
+
+
+def test_password_change_records_nothing(cfg_path):
+    assert run_hook(cfg_path, "password").returncode == 0
+    assert spooled(cfg_path) == []
