@@ -33,7 +33,8 @@ def _integration_skip_reason() -> str | None:
     missing = [p for p in (str(SSHD), "ssh", "ssh-keygen", "sshpass", "useradd")
                if shutil.which(p) is None]
     if missing:
-        return f"integration test needs {', '.join(missing)} (openssh-server, openssh-client, sshpass)"
+        return (f"integration test needs {', '.join(missing)} "
+                f"(packages openssh-server, openssh-client, sshpass)")
     return None
 
 

@@ -179,15 +179,20 @@ class Lab:
         self.sshd_program.symlink_to(SSHD)
         self._created_link = True
 
-        if self.pam_file.exists() and not self._created_pam:
-            # Never overwrite a PAM service we did not write: it may be another live lab's.
-            raise LabError(
-                f"{self.pam_file} already exists; another lab named {self.name!r} is running, "
-                f"or a killed run left it behind (sweep_stale() removes dead labs' files)")
         text = self.pam_text if self.pam_text is not None else HOST_PAM_FILE.read_text()
-        _write_file(self.pam_file, f"# {MARK}: name={self.name} pid={os.getpid()} "
-                                   f"workdir={self.workdir}\n" + text, 0o644)
-        self._created_pam = True
+        text = f"# {MARK}: name={self.name} pid={os.getpid()} workdir={self.workdir}\n" + text
+        if self._created_pam:
+            _write_file(self.pam_file, text, 0o644)
+        else:
+            try:
+                _create_file(self.pam_file, text, 0o644)
+            except FileExistsError:
+                # Never overwrite a PAM service we did not write: it may be another live lab's.
+                raise LabError(
+                    f"{self.pam_file} already exists: another lab named {self.name!r} is "
+                    f"running, or a killed run left it (sweep_stale() removes dead labs' files)"
+                ) from None
+            self._created_pam = True
 
         self.port = _free_port()
         self.write_sshd_config()
@@ -320,6 +325,7 @@ class Lab:
         if self._created_link:
             step(self.sshd_program.unlink, True)
             self._created_link = False
+        self._configured = False  # a later start() writes everything afresh
         with _LIVE_LOCK:
             _LIVE.pop(id(self), None)
         if errors:
@@ -632,8 +638,8 @@ _VERSION: tuple[int, int] | None = None
 def _sshd_version() -> tuple[int, int]:
     global _VERSION
     if _VERSION is None:
-        # sshd -V prints e.g. "OpenSSH_9.2p1 Debian-2+deb12u3, OpenSSL 3.0.x" (9.2 says it on
-        # stderr, as part of usage); no host key or config needed.
+        # sshd -V prints e.g. "OpenSSH_9.2, OpenSSL 3.0.x" on stderr; needs no host key or
+        # config, and reads neither.
         r = subprocess.run([str(SSHD), "-V"], capture_output=True, text=True)
         m = re.search(r"OpenSSH_(\d+)\.(\d+)", r.stdout + r.stderr)
         _VERSION = (int(m.group(1)), int(m.group(2))) if m else (0, 0)
@@ -704,6 +710,18 @@ def _write_file(path: Path, text: str, mode: int) -> None:
     tmp.write_text(text)
     os.chmod(tmp, mode)
     os.replace(tmp, path)
+
+
+def _create_file(path: Path, text: str, mode: int) -> None:
+    # complete before it appears (as above), and only if nobody else created it meanwhile:
+    # link() fails where rename() would silently replace
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.chmod(tmp, mode)
+    try:
+        os.link(tmp, path)
+    finally:
+        tmp.unlink()
 
 
 def _free_port() -> int:
