@@ -37,6 +37,8 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
+from .errors import SshtrailError
+
 __all__ = ["install", "uninstall", "wanted_sshd_lines", "InstallError", "Report", "FileResult"]
 
 BEGIN_PREFIX = "# >>> sshtrail "
@@ -44,6 +46,8 @@ END_MARKER = "# <<< sshtrail"
 _MANAGED = "(managed by `sshtrail install`; `sshtrail uninstall` removes it)"
 
 PAM_TYPES = ("auth", "account", "session")
+_KIND_NAMES = {"auth": "auth hook", "account": "account hook", "session": "session hook",
+               "sshd": "sshd settings"}
 STATE_FILE = "install.json"
 _LOCK_FILE = "install.lock"
 
@@ -62,7 +66,7 @@ _MATCH_SPEC = "user=root,host=localhost,addr=127.0.0.1"
 _SSHD_TIMEOUT = 30
 
 
-class InstallError(Exception):
+class InstallError(SshtrailError):
     """Install or uninstall refused or failed; the message says what was wrong and what to do.
 
     When it is raised, the PAM file and sshd_config hold the bytes they had before the call.
@@ -122,6 +126,7 @@ def install(*, pam_file: Path, sshd_config: Path, hook_argv: list[str], fail_clo
     with _locked(state_dir):
         pam = _read_file(pam_file, what="PAM service file")
         cfg = _read_file(sshd_config, what="sshd_config")
+        previous = _state_files(_read_state(state_dir))
 
         log(f"checking {sshd_config} with {sshd} -t")
         error = _sshd_test(sshd, sshd_config)
@@ -136,7 +141,8 @@ def install(*, pam_file: Path, sshd_config: Path, hook_argv: list[str], fail_clo
         effective = _effective_settings(sshd, sshd_config, operator_cfg, cfg.text)
         _require_use_pam(effective, sshd_config)
         wanted = wanted_sshd_lines(effective)
-        notes += _match_log_level_notes(operator_cfg, sshd_config)
+        notes_from_match = _match_log_level_notes(operator_cfg, sshd_config)
+        notes += notes_from_match
 
         new_pam, pam_actions = _apply_blocks(
             pam.text, pam_file,
@@ -148,7 +154,7 @@ def install(*, pam_file: Path, sshd_config: Path, hook_argv: list[str], fail_clo
         _commit([(pam, new_pam), (cfg, new_cfg)], sshd, sshd_config, state_dir, log,
                 validate=True, action="install")
 
-        if new_cfg != cfg.text and wanted:
+        if new_cfg != cfg.text and wanted and not notes_from_match:
             notes += _still_low_notes(sshd, sshd_config)
 
         results = [
@@ -163,8 +169,8 @@ def install(*, pam_file: Path, sshd_config: Path, hook_argv: list[str], fail_clo
             "sshd_binary": sshd,
             "sshd_lines": [line for line, _ in wanted],
             "files": {
-                "pam": _hashes(pam, new_pam),
-                "sshd_config": _hashes(cfg, new_cfg),
+                "pam": _hashes(pam, new_pam, previous.get("pam")),
+                "sshd_config": _hashes(cfg, new_cfg, previous.get("sshd_config")),
             },
         }
         state_file = _write_state(state_dir, state, notes)
@@ -201,8 +207,9 @@ def uninstall(*, pam_file: Path, sshd_config: Path, state_dir: Path,
             # before, removing them is still right, and the check afterwards proves nothing.
             error_before = _sshd_test(sshd, sshd_config)
             if error_before:
-                notes.append(f"{sshd_config} fails `sshd -t` (before and after removing "
-                             f"sshtrail's block): {error_before}")
+                notes.append(f"{sshd_config} already failed `sshd -t` before sshtrail's block "
+                             f"was removed (removing it neither causes nor fixes that); fix it "
+                             f"before sshd restarts: {error_before}")
             _commit([(pam, new_pam), (cfg, new_cfg)], sshd, sshd_config, state_dir, log,
                     validate=not error_before, action="uninstall")
 
@@ -212,8 +219,10 @@ def uninstall(*, pam_file: Path, sshd_config: Path, state_dir: Path,
             if new == f.text:
                 reason = "no sshtrail block: not installed here"
             else:
-                reason = "removed sshtrail blocks: " + ", ".join(actions)
-                before = previous.get("files", {}).get(key, {}).get("sha256_without_sshtrail")
+                kinds = [_KIND_NAMES.get(k, k) for k in actions]
+                reason = (f"removed sshtrail block{'s' if len(kinds) > 1 else ''}: "
+                          + ", ".join(kinds))
+                before = _state_files(previous).get(key, {}).get("sha256_without_sshtrail")
                 if before and before == _sha256(new):
                     reason += " (back to the exact bytes it had before install)"
                 elif before:
@@ -224,7 +233,11 @@ def uninstall(*, pam_file: Path, sshd_config: Path, state_dir: Path,
         if previous or new_pam != pam.text or new_cfg != cfg.text:
             state_file = _write_state(state_dir, {
                 "installed": False,
-                "files": {"pam": _hashes(pam, new_pam), "sshd_config": _hashes(cfg, new_cfg)},
+                "files": {
+                    "pam": _hashes(pam, new_pam, _state_files(previous).get("pam")),
+                    "sshd_config": _hashes(cfg, new_cfg,
+                                           _state_files(previous).get("sshd_config")),
+                },
             }, notes)
 
     for n in notes:
@@ -359,7 +372,8 @@ def _pam_exec_args(hook_argv: list[str]) -> list[str]:
         # PAM splits module arguments on whitespace, cuts the line at '#' wherever it stands,
         # reads '[...]' as one quoted argument, and joins lines ending in '\'. pam_exec has no
         # quoting of its own, so such an argument cannot be passed intact: refuse it.
-        bad = sorted({c for c in arg if c.isspace() or c in "#[]\\" or ord(c) < 32 or ord(c) == 127})
+        bad = sorted({c for c in arg
+                      if c.isspace() or c in "#[]\\" or ord(c) < 32 or ord(c) == 127})
         if not arg or bad:
             raise InstallError(
                 f"hook argument {arg!r} {'is empty' if not arg else f'contains {bad!r}'}: PAM "
@@ -454,7 +468,8 @@ def _run_sshd(sshd: str, args: list[str]) -> subprocess.CompletedProcess:
                               timeout=_SSHD_TIMEOUT, stdin=subprocess.DEVNULL,
                               env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"})
     except subprocess.TimeoutExpired:
-        raise InstallError(f"`{sshd} {' '.join(args)}` did not finish in {_SSHD_TIMEOUT}s") from None
+        raise InstallError(
+            f"`{sshd} {' '.join(args)}` did not finish in {_SSHD_TIMEOUT}s") from None
     except OSError as e:
         raise InstallError(f"could not run {sshd}: {e}") from None
 
@@ -555,7 +570,9 @@ def _sshd_reason(actions: dict[str, str], wanted: list[tuple[str, str]],
     why = "; ".join(f"{line}: {reason}" for line, reason in wanted)
     if actions.get("sshd") == "kept":
         return f"sshtrail block already in place ({why})"
-    return f"{actions['sshd']} sshtrail block at the top ({why})"
+    if actions.get("sshd") == "replaced":
+        return f"replaced the sshtrail block where it stands ({why})"
+    return f"inserted sshtrail block at the top ({why})"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -578,8 +595,8 @@ def _read_file(path: Path, *, what: str) -> _File:
             raise InstallError(
                 f"PAM service file {path} does not exist. sshd reads /etc/pam.d/<its program "
                 f"name>; pick the right one with --pam-service NAME.") from None
-        raise InstallError(f"{what} {path} does not exist: pass the file your sshd reads "
-                           f"(see `sshd -T | grep -i include` and your service's -f)") from None
+        raise InstallError(f"{what} {path} does not exist: pass the sshd_config your sshd "
+                           f"reads (/etc/ssh/sshd_config unless its service passes -f)") from None
     except IsADirectoryError:
         raise InstallError(f"{what} {path} is a directory, not a file") from None
     except PermissionError:
@@ -686,12 +703,18 @@ def _sha256(text_or_bytes: str | bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def _hashes(f: _File, new_text: str) -> dict[str, str]:
+def _hashes(f: _File, new_text: str, previous: Mapping | None) -> dict[str, str]:
     without, _ = _apply_blocks(new_text, f.path, {}, _at_top)
+    before, after = _sha256(f.data), _sha256(new_text)
+    if (new_text == f.text and isinstance(previous, Mapping)
+            and previous.get("path") == str(f.path) and previous.get("sha256_after") == after):
+        # A run that changed nothing keeps the record of the run that did, so a repeated
+        # install writes nothing at all, not even the state file.
+        before = previous.get("sha256_before", before)
     return {
         "path": str(f.path),
-        "sha256_before": _sha256(f.data),
-        "sha256_after": _sha256(new_text),
+        "sha256_before": before,
+        "sha256_after": after,
         # What uninstall would leave: equal to the bytes before the first install unless the
         # operator edited the file since.
         "sha256_without_sshtrail": _sha256(without),
@@ -724,6 +747,13 @@ def _read_state(state_dir: Path) -> dict:
         return state if isinstance(state, dict) else {}
     except (OSError, ValueError):
         return {}  # the blocks are the truth; a lost or damaged record changes nothing
+
+
+def _state_files(state: Mapping) -> dict[str, dict]:
+    files = state.get("files")
+    if not isinstance(files, dict):
+        return {}
+    return {k: v for k, v in files.items() if isinstance(v, dict)}
 
 
 def _write_state(state_dir: Path, record: dict, notes: list[str]) -> Path | None:
