@@ -2,7 +2,8 @@
 
 The hook records an attempt at the auth and account stages because it cannot see how the stack
 ends (see hook.py). Each attempt must end as exactly one outcome:
-- open_session deletes the connection's attempts (granted; the hook writes user.login success);
+- open_session grants the connection (the hook writes user.login success): its attempts up to
+  then are resolved, even one whose detached writer reaches the spool after the grant;
 - the sshd-log watcher consumes one attempt per refusal it reports for that connection, or all
   of them when the connection ends, so an attempt seen by both PAM and sshd's log is one event;
 - `reap` reports what neither explained once the calling process is gone: a refusal sshd's log
@@ -18,6 +19,18 @@ from sshtrail import events
 # Past this age an attempt is reported even if its process still runs: sshd's LoginGraceTime is
 # 120 s by default, so a live pre-auth connection cannot hold one this long.
 MAX_AGE = 900.0
+
+
+def add(db, *, conn: str, login: str, service: str, stage: str, pid: int, addr: str,
+        at: float) -> None:
+    db.execute("INSERT INTO pam_attempts (conn, login, service, stage, pid, addr, time) "
+               "VALUES (?, ?, ?, ?, ?, ?, ?)", (conn, login, service, stage, pid, addr, at))
+
+
+def grant(db, conn: str, *, at: float) -> None:
+    db.execute("DELETE FROM pam_attempts WHERE conn = ? AND time <= ?", (conn, at))
+    db.execute("DELETE FROM pam_granted WHERE time < ?", (at - MAX_AGE,))
+    db.execute("INSERT INTO pam_granted (conn, time) VALUES (?, ?)", (conn, at))
 
 
 def conn_key(addr: str, port: int | None) -> str:
@@ -48,6 +61,9 @@ def reap(spool, *, grace: float, now: float | None = None) -> list[dict]:
     MAX_AGE) as refusals, one per connection, and delete them. Returns the events written."""
     now = time.time() if now is None else now
     with spool.transaction() as db:
+        # Written after the grant that covers it (detached writers race): resolved, not refused.
+        db.execute("DELETE FROM pam_attempts WHERE EXISTS (SELECT 1 FROM pam_granted g "
+                   "WHERE g.conn = pam_attempts.conn AND g.time >= pam_attempts.time)")
         rows = db.execute("SELECT id, conn, login, service, stage, pid, addr, time "
                           "FROM pam_attempts WHERE time <= ? ORDER BY id", (now - grace,)).fetchall()
     stale: dict[str, list] = {}

@@ -1,25 +1,28 @@
 """`sshtrail-pam`: what pam_exec.so runs in sshd's auth, account and session stacks.
 
 Runs as root, once per PAM call, with the PAM environment (which a user can partly set through
-pam_env's user_readenv): it takes its config only from --config, is started with `python -I`
-by the PAM line `sshtrail install` writes (so PYTHONPATH and friends are ignored), never asks
-for or reads the password (no expose_authtok), and finishes within `pam.timeout` seconds no
-matter what: a watchdog thread ends it, and SIGALRM's default action ends it if even that thread
-cannot run.
+pam_env's user_readenv). So: its config comes only from --config; the PAM line that `sshtrail
+install` writes starts it as `python3 -I -S hook.py` (see `command()`), so PYTHONPATH and
+friends are ignored and nothing from site-packages runs; it never asks for or reads the password
+(no expose_authtok); and it ends within `pam.timeout` seconds no matter what: a watchdog thread
+ends it, and SIGALRM's default action ends it if even that thread cannot run.
 
-It exits non-zero whenever it could not record, and says why in syslog (LOG_AUTHPRIV). Whether
-that blocks the login is the PAM control word's business: `optional` (the default, fail-open)
-ignores the failure, `required` (pam.fail_closed = true) refuses the login.
+Fail-open (the default): the hook takes the facts of the PAM call, forks, and returns success at
+once; the child writes the spool. Logins never wait on storage (a PAM call costs the login one
+bare interpreter start, not the spool write), and whatever goes wrong in the child reaches
+syslog (LOG_AUTHPRIV). Fail-closed (`--fail-closed`, written by install when pam.fail_closed is
+true, with the PAM control `required`): the hook writes before it returns and exits non-zero if
+it could not, so PAM refuses the login.
 
 What each PAM call records:
 - auth, account: a pending attempt, keyed by the connection (SSH_CONNECTION). No event yet: PAM
   cannot tell this hook how the rest of the stack went (a module's result only steers jumps on
-  its own line). The attempt is resolved by open_session (granted), by the sshd-log watcher
-  (refused, with sshd's reason), or reported by `attempts.reap` once its connection is gone.
+  its own line). pam_module.attempts resolves it: granted by open_session, refused by the
+  sshd-log watcher with sshd's reason, or reported on its own once its connection is gone.
 - open_session: `user.login` success (method and key from sshd's SSH_AUTH_INFO_0) and
-  `session.start`, in one transaction. A session only opens after auth and account succeeded,
-  so this is the one place where "granted" is certain.
-- close_session: `session.end` with the same sid and the duration.
+  `session.start`. A session opens only after auth and account succeeded, so this is the one
+  place where "granted" is certain.
+- close_session: `session.end` with the same sid (derived, see sshtrail.sessionid) and duration.
 """
 from __future__ import annotations
 
@@ -31,13 +34,31 @@ import syslog
 import threading
 import time
 
+if __name__ == "__main__" and not __package__:
+    # Started as a file, `python3 -I -S .../pam_module/hook.py`: -S skips site-packages and
+    # their .pth files (20-40 ms per PAM call here). The hook needs only the stdlib and its own
+    # code, whose root is the parent of this folder.
+    sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 DEFAULT_TIMEOUT = 3.0
 _PAM_TYPES = ("auth", "account", "open_session", "close_session", "password")
 _MAX_FIELD = 256
+# close_session's child may run before open_session's child has written (a session of a few
+# ms); it waits this long for the start row to compute the duration.
+_CLOSE_WAITS_FOR_OPEN = 2.0
 
 
 class HookError(Exception):
     pass
+
+
+def command(python: str, config_path: str | None, *, fail_closed: bool = False) -> list[str]:
+    """The argv a PAM line runs: isolated (-I: no PYTHONPATH, no user site, no cwd on sys.path)
+    and without site (-S: faster, and nothing from site-packages runs as root)."""
+    argv = [python, "-I", "-S", os.path.abspath(__file__)]
+    if config_path:
+        argv += ["--config", os.path.abspath(config_path)]
+    return argv + (["--fail-closed"] if fail_closed else [])
 
 
 def _report(message: str) -> None:
@@ -45,9 +66,9 @@ def _report(message: str) -> None:
     syslog.syslog(syslog.LOG_ERR, message)
 
 
-def _start_watchdog(seconds: float, what: list[str]) -> threading.Timer:
+def _start_watchdog(seconds: float, what: str) -> threading.Timer:
     def expire():
-        _report(f"{what[0]}: gave up after {seconds:g}s (pam.timeout); nothing recorded")
+        _report(f"{what}: gave up after {seconds:g}s (pam.timeout); nothing recorded")
         os._exit(3)
     timer = threading.Timer(seconds, expire)
     timer.daemon = True
@@ -70,9 +91,12 @@ def _clean(name: str, value: str | None, *, required: bool = True) -> str:
 
 
 class PamCall:
-    """The facts of one PAM call, checked: everything here comes from the PAM environment."""
+    """The facts of one PAM call, taken before the hook detaches (the calling sshd may be gone
+    by the time the child writes) and checked: all of it comes from the PAM environment."""
 
-    def __init__(self, env, ppid: int):
+    def __init__(self, env, ppid: int, now: float):
+        from sshtrail import sessionid
+        self.now = now
         self.type = _clean("PAM_TYPE", env.get("PAM_TYPE"))
         if self.type not in _PAM_TYPES:
             raise HookError(f"PAM_TYPE={self.type!r} is not one of {', '.join(_PAM_TYPES)}")
@@ -81,6 +105,8 @@ class PamCall:
         self.tty = _clean("PAM_TTY", env.get("PAM_TTY"), required=False)
         self.rhost = _clean("PAM_RHOST", env.get("PAM_RHOST"), required=False)
         self.ppid = ppid
+        self.ppid_start = sessionid.start_time(ppid)
+        self.boot = sessionid.boot_id()
         conn = _clean("SSH_CONNECTION", env.get("SSH_CONNECTION"), required=False)
         if conn:
             parts = conn.split()
@@ -94,6 +120,10 @@ class PamCall:
             self.conn = f"pid {ppid}"
             self.addr = self.rhost
         self.auth_info = env.get("SSH_AUTH_INFO_0", "")
+
+    def sid(self, server_id: str) -> str:
+        from sshtrail import sessionid
+        return sessionid.derive(server_id, self.boot, self.ppid, self.ppid_start)
 
     def method_and_key(self) -> tuple[str, str]:
         """sshd's SSH_AUTH_INFO_0: one line per method passed, e.g. 'publickey ssh-ed25519 AAAA..'.
@@ -110,47 +140,55 @@ class PamCall:
         return ",".join(methods), key
 
 
-def record(cfg, call: PamCall, now: float | None = None) -> None:
+def record(cfg, call: PamCall) -> None:
+    from pam_module import attempts
     from sshtrail import events
     from sshtrail.spool import Spool
-    now = time.time() if now is None else now
     spool = Spool.from_config(cfg)
     try:
         if call.type in ("auth", "account"):
             with spool.transaction() as db:
-                db.execute("INSERT INTO pam_attempts (conn, login, service, stage, pid, addr, time)"
-                           " VALUES (?, ?, ?, ?, ?, ?, ?)",
-                           (call.conn, call.user, call.service, call.type, call.ppid, call.addr, now))
+                attempts.add(db, conn=call.conn, login=call.user, service=call.service,
+                             stage=call.type, pid=call.ppid, addr=call.addr, at=call.now)
         elif call.type == "open_session":
             method, key = call.method_and_key()
-            sid = events.new_uid()
             common = {"login": call.user, "addr.remote": call.addr}
-            login = events.new("user.login", at=now, success=True, method=method,
+            login = events.new("user.login", at=call.now, success=True, method=method,
                                service=call.service, **common)
             if key:
                 login["key"] = key
-            start = events.new("session.start", at=now, sid=sid, tty=call.tty, **common)
+            start = events.new("session.start", at=call.now, sid=call.sid(spool.server_id),
+                               tty=call.tty, **common)
 
             def bookkeeping(db):
-                db.execute("DELETE FROM pam_attempts WHERE conn = ?", (call.conn,))
+                attempts.grant(db, call.conn, at=call.now)
                 db.execute("INSERT OR REPLACE INTO pam_sessions (conn, pid, sid, login, started) "
-                           "VALUES (?, ?, ?, ?, ?)", (call.conn, call.ppid, sid, call.user, now))
+                           "VALUES (?, ?, ?, ?, ?)", (call.conn, call.ppid, start["sid"],
+                                                      call.user, call.now))
             spool.append(login, start, extra_sql=bookkeeping)
         elif call.type == "close_session":
-            with spool.transaction() as db:
-                row = db.execute("SELECT sid, started FROM pam_sessions WHERE conn = ? AND pid = ?",
-                                 (call.conn, call.ppid)).fetchone()
-            fields = {"login": call.user, "addr.remote": call.addr}
-            if row:
-                fields.update(sid=row[0], duration=round(now - row[1], 6))
+            started = _wait_for_start(spool, call)
+            end = events.new("session.end", at=call.now, sid=call.sid(spool.server_id),
+                             login=call.user, **{"addr.remote": call.addr})
+            if started is not None:
+                end["duration"] = round(max(call.now - started, 0.0), 6)
             else:
-                fields.update(sid=events.new_uid(), message="session start was not recorded")
-            end = events.new("session.end", at=now, **fields)
+                end["message"] = "session start was not recorded"
             spool.append(end, extra_sql=lambda db: db.execute(
                 "DELETE FROM pam_sessions WHERE conn = ? AND pid = ?", (call.conn, call.ppid)))
         # "password" (changing a password) is not a login event: nothing to record.
     finally:
         spool.close()
+
+
+def _wait_for_start(spool, call: PamCall) -> float | None:
+    deadline = time.monotonic() + _CLOSE_WAITS_FOR_OPEN
+    while True:
+        row = spool.db.execute("SELECT started FROM pam_sessions WHERE conn = ? AND pid = ?",
+                               (call.conn, call.ppid)).fetchone()
+        if row or time.monotonic() >= deadline:
+            return row[0] if row else None
+        time.sleep(0.02)
 
 
 def _config_arg(argv: list[str]) -> str | None:
@@ -162,9 +200,27 @@ def _config_arg(argv: list[str]) -> str | None:
     return None
 
 
+def _detach() -> bool:
+    """Fork; the parent returns False (and exits at once), the child True, in a new session so
+    that signals aimed at sshd's process group do not reach it."""
+    if os.fork():
+        return False
+    os.setsid()
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    what = [f"sshtrail-pam {os.environ.get('PAM_TYPE', '?')} for {os.environ.get('PAM_USER', '?')!r}"]
+    now = time.time()
+    fail_closed = "--fail-closed" in argv
+    what = f"sshtrail-pam {os.environ.get('PAM_TYPE', '?')} for {os.environ.get('PAM_USER', '?')!r}"
+    try:
+        call = PamCall(os.environ, os.getppid(), now)
+    except Exception as e:  # noqa: BLE001 - bad input: say so, never a traceback
+        _report(f"{what}: could not record: {e}")
+        return 1 if fail_closed else 0
+    if not fail_closed and not _detach():
+        return 0
     watchdog = _start_watchdog(DEFAULT_TIMEOUT, what)
     try:
         from sshtrail import config
@@ -172,11 +228,10 @@ def main(argv: list[str] | None = None) -> int:
         if cfg["pam.timeout"] != DEFAULT_TIMEOUT:
             watchdog.cancel()
             watchdog = _start_watchdog(cfg["pam.timeout"], what)
-        call = PamCall(os.environ, os.getppid())
         record(cfg, call)
         return 0
     except Exception as e:  # noqa: BLE001 - every failure must reach syslog, never a traceback
-        _report(f"{what[0]}: could not record: {e}")
+        _report(f"{what}: could not record: {e}")
         return 1
     finally:
         watchdog.cancel()
@@ -184,4 +239,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    sys.stdout.flush()
+    os._exit(code)  # the detached parent must not wait for the watchdog thread

@@ -2,7 +2,8 @@
 in a PAM event can be matched by eye against sshd's "Accepted publickey ... SHA256:..." line."""
 import base64
 import binascii
-import hashlib
+
+from sshtrail.sha import sha256
 
 
 def fingerprint(blob_b64: str) -> str:
@@ -10,4 +11,4 @@ def fingerprint(blob_b64: str) -> str:
         blob = base64.b64decode(blob_b64, validate=True)
     except (binascii.Error, ValueError):
         return "unparseable key"
-    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+    return "SHA256:" + base64.b64encode(sha256(blob).digest()).decode().rstrip("=")

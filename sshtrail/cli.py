@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import sys
 import time
@@ -78,7 +79,7 @@ def format_table(evs: list[dict]) -> str:
 
 def cmd_events(args, cfg) -> int:
     from sshtrail.spool import Spool
-    if not Path(cfg["spool.path"]).exists():
+    if not os.path.exists(cfg["spool.path"]):
         raise CliError(f"no spool at {cfg['spool.path']}: nothing recorded yet, or --config "
                        "points at another host's settings")
     spool = Spool.from_config(cfg)
@@ -95,29 +96,32 @@ def cmd_events(args, cfg) -> int:
     return 0
 
 
-def _hook_argv(args) -> list[str]:
-    argv = [sys.executable, "-I", "-m", "pam_module.hook"]
-    if args.config:
-        argv += ["--config", str(Path(args.config).resolve())]
-    return argv
-
-
 def cmd_install(args, cfg) -> int:
+    from pam_module import hook
     from sshtrail import install
     from sshtrail.spool import Spool
     Spool.from_config(cfg).close()  # the hook's first login should not have to create it
-    install.install(pam_file=Path("/etc/pam.d") / args.pam_service, sshd_config=Path(args.sshd_config),
-                    hook_argv=_hook_argv(args), fail_closed=cfg["pam.fail_closed"],
-                    state_dir=Path(cfg["install.state_dir"]), sshd_binary=args.sshd_binary)
+    report = install.install(
+        pam_file=Path("/etc/pam.d") / args.pam_service, sshd_config=Path(args.sshd_config),
+        hook_argv=hook.command(sys.executable, args.config, fail_closed=cfg["pam.fail_closed"]),
+        fail_closed=cfg["pam.fail_closed"], state_dir=Path(cfg["install.state_dir"]),
+        sshd_binary=args.sshd_binary, log=_note)
+    print(report)
     return 0
 
 
 def cmd_uninstall(args, cfg) -> int:
     from sshtrail import install
-    install.uninstall(pam_file=Path("/etc/pam.d") / args.pam_service,
-                      sshd_config=Path(args.sshd_config),
-                      state_dir=Path(cfg["install.state_dir"]), sshd_binary=args.sshd_binary)
+    report = install.uninstall(pam_file=Path("/etc/pam.d") / args.pam_service,
+                               sshd_config=Path(args.sshd_config),
+                               state_dir=Path(cfg["install.state_dir"]), sshd_binary=args.sshd_binary,
+                               log=_note)
+    print(report)
     return 0
+
+
+def _note(message: str) -> None:
+    print(f"sshtrail: {message}", file=sys.stderr)
 
 
 def cmd_agent(args, cfg) -> int:

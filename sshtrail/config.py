@@ -12,19 +12,17 @@ choose its config.
 from __future__ import annotations
 
 import os
-import re
-import socket
 import tomllib
-from dataclasses import dataclass
-from pathlib import Path
+from typing import NamedTuple
 
 from .errors import SshtrailError
 
-DEFAULT_PATH = Path("/etc/sshtrail/sshtrail.toml")
+DEFAULT_PATH = "/etc/sshtrail/sshtrail.toml"
+# Plain strings and os.path rather than pathlib, NamedTuple rather than dataclasses: the PAM
+# hook imports this once per PAM call and those imports cost it several milliseconds.
 
 
-@dataclass(frozen=True)
-class Key:
+class Key(NamedTuple):
     name: str
     default: object
     doc: str
@@ -67,6 +65,7 @@ class ConfigError(SshtrailError, ValueError):
 
 def _line_of(text: str, key: str) -> int | None:
     # tomllib reports lines only for syntax errors; for a bad value we find the key ourselves.
+    import re
     leaf = key.rsplit(".", 1)[-1]
     for n, line in enumerate(text.splitlines(), 1):
         if re.match(rf"\s*(?:[\w\"-]+\s*\.\s*)*(\"?){re.escape(leaf)}\1\s*=", line):
@@ -88,7 +87,7 @@ def _flatten(data: dict, prefix: str = "") -> dict:
 class Config:
     """Read-only view of the settings: `cfg["spool.path"]`. `source` is the file or None."""
 
-    def __init__(self, values: dict, source: Path | None):
+    def __init__(self, values: dict, source: str | None):
         self._values = values
         self.source = source
 
@@ -100,16 +99,17 @@ class Config:
         if self["server_id"]:
             return self["server_id"]
         try:
-            mid = Path("/etc/machine-id").read_text().strip()
+            with open("/etc/machine-id") as f:
+                mid = f.read().strip()
             if mid:
                 return mid
         except OSError:
             pass
-        return socket.gethostname()
+        return os.uname().nodename
 
     @property
     def server_hostname(self) -> str:
-        return self["server_hostname"] or socket.gethostname()
+        return self["server_hostname"] or os.uname().nodename
 
 
 def parse(text: str, source: str = "<config>") -> Config:
@@ -135,27 +135,28 @@ def parse(text: str, source: str = "<config>") -> Config:
         if want in (int, float) and value < 0:
             raise ConfigError(f"{where}: {name} must not be negative, got {value!r}.")
         values[name] = value
-    return Config(values, Path(source) if source != "<config>" else None)
+    return Config(values, source if source != "<config>" else None)
 
 
 def _tname(t: type) -> str:
     return {str: "a string", int: "an integer", float: "a number", bool: "a boolean (true/false)"}[t]
 
 
-def resolve_path(explicit: str | os.PathLike | None, *, use_env: bool = True) -> tuple[Path, bool]:
+def resolve_path(explicit: str | os.PathLike | None, *, use_env: bool = True) -> tuple[str, bool]:
     """The config file to read and whether it must exist (an explicit choice must)."""
     if explicit:
-        return Path(explicit), True
+        return os.fspath(explicit), True
     env = os.environ.get("SSHTRAIL_CONFIG") if use_env else None
     if env:
-        return Path(env), True
+        return env, True
     return DEFAULT_PATH, False
 
 
 def load(explicit: str | os.PathLike | None = None, *, use_env: bool = True) -> Config:
     path, required = resolve_path(explicit, use_env=use_env)
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
     except FileNotFoundError:
         if required:
             raise ConfigError(f"{path}: config file not found. Create it (see `sshtrail config "
@@ -163,7 +164,7 @@ def load(explicit: str | os.PathLike | None = None, *, use_env: bool = True) -> 
         return Config({k.name: k.default for k in DEFAULTS}, None)
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read config: {e}") from None
-    return parse(text, str(path))
+    return parse(text, path)
 
 
 def render_defaults() -> str:

@@ -12,7 +12,7 @@ import calendar
 import json
 import os
 import time
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .errors import SshtrailError
 
@@ -23,8 +23,7 @@ COMMON = {"event": str, "code": str, "uid": str, "time": str,
 OPTIONAL = {"sid": str, "login": str, "addr.remote": str, "message": str}
 
 
-@dataclass(frozen=True)
-class EventType:
+class EventType(NamedTuple):
     code: str
     required: dict
     doc: str

@@ -16,10 +16,8 @@ import json
 import os
 import sqlite3
 import time
-import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
+from typing import NamedTuple
 
 from . import events
 from .errors import SshtrailError
@@ -46,7 +44,10 @@ CREATE TABLE IF NOT EXISTS pam_attempts (
     id INTEGER PRIMARY KEY, conn TEXT NOT NULL, login TEXT NOT NULL, service TEXT NOT NULL,
     stage TEXT NOT NULL, pid INTEGER NOT NULL, addr TEXT NOT NULL, time REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS pam_attempts_conn ON pam_attempts (conn);
--- Open PAM sessions, so close_session finds the sid that open_session chose.
+-- Connections granted a session; an attempt written after its grant is resolved by it.
+CREATE TABLE IF NOT EXISTS pam_granted (conn TEXT NOT NULL, time REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS pam_granted_conn ON pam_granted (conn);
+-- Open PAM sessions, so close_session can tell the duration.
 CREATE TABLE IF NOT EXISTS pam_sessions (
     conn TEXT NOT NULL, pid INTEGER NOT NULL, sid TEXT NOT NULL, login TEXT NOT NULL,
     started REAL NOT NULL, PRIMARY KEY (conn, pid));
@@ -61,8 +62,7 @@ class SpoolFull(SpoolError):
     """An append was refused under on_full = drop_new; it has been counted."""
 
 
-@dataclass
-class Batch:
+class Batch(NamedTuple):
     id: str
     events: list[dict]
 
@@ -70,7 +70,7 @@ class Batch:
 class Spool:
     def __init__(self, path: str | os.PathLike, *, server_id: str = "", server_hostname: str = "",
                  max_bytes: int = 1 << 30, on_full: str = "drop_new", busy_timeout: float = 2.0):
-        self.path = Path(path)
+        self.path = os.fspath(path)
         self.server_id = server_id
         self.server_hostname = server_hostname
         self.max_bytes = max_bytes
@@ -85,7 +85,7 @@ class Spool:
 
     def _open(self, busy_timeout: float) -> sqlite3.Connection:
         try:
-            self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.makedirs(os.path.dirname(self.path) or ".", mode=0o700, exist_ok=True)
             old = os.umask(0o077)  # the file and its -wal/-shm are created root-only
             try:
                 db = sqlite3.connect(self.path, timeout=busy_timeout, isolation_level=None)
@@ -183,7 +183,7 @@ class Spool:
     def claim(self, limit: int = 500, lease: float = 60.0) -> Batch | None:
         """Claim up to `limit` undelivered events, oldest first. A claim not acknowledged within
         `lease` seconds (the uploader died) is claimed again: at-least-once delivery."""
-        batch_id = str(uuid.uuid4())
+        batch_id = events.new_uid()
         now = time.time()
         with _txn(self._db, immediate=True):
             self._db.execute(

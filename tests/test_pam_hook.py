@@ -1,7 +1,9 @@
 """The PAM hook run the way pam_exec.so runs it: a root process with the PAM environment.
 
-These drive `python -I -m pam_module.hook` directly with the environment sshd gives it (seen in
-a real sshd here); tests/test_login_trail.py drives it through a real sshd and real PAM.
+These run the hook's PAM command line directly with the environment sshd gives it (seen in a
+real sshd here); tests/test_login_trail.py drives it through a real sshd and real PAM. In the
+default fail-open mode the hook returns at once and a detached child writes, so the tests wait
+for the spool rather than for the process.
 """
 import os
 import sqlite3
@@ -11,6 +13,7 @@ import time
 
 import pytest
 
+from pam_module import hook
 from sshtrail import config
 from sshtrail.spool import Spool
 from syslog_sink import SyslogSink
@@ -33,21 +36,21 @@ def cfg_path(tmp_path):
     return p
 
 
-def run_hook(cfg_path, pam_type, *, user="alice", env=None, timeout=20):
+def run_hook(cfg_path, pam_type, *, user="alice", env=None, timeout=20, fail_closed=False):
     base = {"PAM_TYPE": pam_type, "PAM_USER": user, "PAM_SERVICE": "sshd", "PAM_TTY": "ssh",
             "PAM_RHOST": "127.0.0.1", "SSH_CONNECTION": "127.0.0.1 50500 127.0.0.1 22"}
     if pam_type in ("open_session", "close_session"):
         base["SSH_AUTH_INFO_0"] = f"publickey ssh-ed25519 {KEY}\n"
     base.update(env or {})
     base = {k: v for k, v in base.items() if v is not None}
-    argv = [sys.executable, "-I", "-m", "pam_module.hook"]
-    if cfg_path:
-        argv += ["--config", str(cfg_path)]
+    argv = hook.command(sys.executable, cfg_path, fail_closed=fail_closed)
     return subprocess.run(argv, env=base, capture_output=True, text=True, timeout=timeout,
                           cwd="/")
 
 
 def spooled(cfg_path, **kw):
+    if not os.path.exists(config.load(cfg_path)["spool.path"]):
+        return []
     s = Spool.from_config(config.load(cfg_path))
     try:
         return s.query(**kw)
@@ -55,11 +58,22 @@ def spooled(cfg_path, **kw):
         s.close()
 
 
+def wait_spooled(cfg_path, n, timeout=10, **kw):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        evs = spooled(cfg_path, **kw)
+        if len(evs) >= n:
+            return evs
+        time.sleep(0.02)
+    raise AssertionError(f"expected {n} events, have {spooled(cfg_path, **kw)}")
+
+
 def test_session_open_close_writes_login_start_end(cfg_path):
     assert run_hook(cfg_path, "account").returncode == 0
+    wait_spooled_attempts(cfg_path, 1)
     assert run_hook(cfg_path, "open_session").returncode == 0
     assert run_hook(cfg_path, "close_session").returncode == 0
-    evs = spooled(cfg_path)
+    evs = wait_spooled(cfg_path, 3)
     assert [e["event"] for e in evs] == ["user.login", "session.start", "session.end"]
     login, start, end = evs
     assert login["success"] is True and login["method"] == "publickey"
@@ -67,20 +81,47 @@ def test_session_open_close_writes_login_start_end(cfg_path):
     assert login["addr.remote"] == "127.0.0.1:50500" and login["server_id"] == "hook-test"
     assert start["sid"] == end["sid"] and end["duration"] >= 0
     # The account-stage attempt was resolved by the session: nothing left pending.
-    db = sqlite3.connect(config.load(cfg_path)["spool.path"])
-    assert db.execute("SELECT count(*) FROM pam_attempts").fetchone()[0] == 0
+    assert wait_spooled_attempts(cfg_path, 0) == 0
+
+
+def wait_spooled_attempts(cfg_path, n, timeout=10):
+    deadline = time.monotonic() + timeout
+    while True:
+        path = config.load(cfg_path)["spool.path"]
+        count = (sqlite3.connect(path).execute("SELECT count(*) FROM pam_attempts").fetchone()[0]
+                 if os.path.exists(path) else 0)
+        if count == n or time.monotonic() > deadline:
+            return count
+        time.sleep(0.02)
+
+
+def test_sid_is_shared_even_when_close_is_written_first(cfg_path):
+    # Open and close are written by detached children; a very short session can have its close
+    # child reach the spool first. Both derive the sid from the same sshd process.
+    run_hook(cfg_path, "close_session")
+    run_hook(cfg_path, "open_session")
+    evs = wait_spooled(cfg_path, 3)
+    (start,) = [e for e in evs if e["event"] == "session.start"]
+    (end,) = [e for e in evs if e["event"] == "session.end"]
+    assert start["sid"] == end["sid"]
+
+
+def test_fail_closed_writes_before_returning(cfg_path):
+    r = run_hook(cfg_path, "open_session", fail_closed=True)
+    assert r.returncode == 0
+    assert len(spooled(cfg_path)) == 2  # no waiting: written before the hook returned
 
 
 def test_password_method_and_chained_methods(cfg_path):
     run_hook(cfg_path, "open_session", env={"SSH_AUTH_INFO_0": "publickey ssh-ed25519 " + KEY
                                             + "\nkeyboard-interactive\n"})
-    (login,) = spooled(cfg_path, kind="user.login")
+    (login,) = wait_spooled(cfg_path, 1, kind="user.login")
     assert login["method"] == "publickey,keyboard-interactive"
 
 
 def test_hook_never_sees_a_password(cfg_path):
     # pam_exec without expose_authtok gives the hook no stdin; make sure it never waits on one.
-    r = subprocess.run([sys.executable, "-I", "-m", "pam_module.hook", "--config", str(cfg_path)],
+    r = subprocess.run(hook.command(sys.executable, cfg_path),
                        env={"PAM_TYPE": "auth", "PAM_USER": "alice"}, stdin=subprocess.PIPE,
                        capture_output=True, timeout=10)
     assert r.returncode == 0
@@ -93,28 +134,33 @@ def test_hook_never_sees_a_password(cfg_path):
     ({"PAM_USER": "a" * 5000}, "PAM_USER is not a plausible value"),
     ({"SSH_CONNECTION": "garbage"}, "SSH_CONNECTION='garbage' is not"),
 ])
-def test_garbage_environment_fails_open_with_syslog(cfg_path, syslog_sink, env, reason):
-    r = run_hook(cfg_path, "open_session", env=env)
-    assert r.returncode == 1 and r.stdout == "" and "Traceback" not in r.stderr
+@pytest.mark.parametrize("fail_closed", [False, True])
+def test_garbage_environment_is_reported(cfg_path, syslog_sink, env, reason, fail_closed):
+    r = run_hook(cfg_path, "open_session", env=env, fail_closed=fail_closed)
+    # Fail-open lets the login go on; fail-closed refuses it (PAM control `required`).
+    assert r.returncode == (1 if fail_closed else 0)
+    assert r.stdout == "" and "Traceback" not in r.stderr
     msg = syslog_sink.wait_for(reason)
     assert "sshtrail-pam" in msg and "could not record" in msg
-    assert not os.path.exists(config.load(cfg_path)["spool.path"]) or spooled(cfg_path) == []
+    time.sleep(0.2)
+    assert spooled(cfg_path) == []
 
 
 def test_unwritable_spool_reported_to_syslog(tmp_path, syslog_sink):
     (tmp_path / "not-a-dir").write_text("")
     cfg = tmp_path / "c.toml"
     cfg.write_text(f'[spool]\npath = "{tmp_path}/not-a-dir/spool.db"\n')
-    r = run_hook(cfg, "open_session")
-    assert r.returncode == 1
+    assert run_hook(cfg, "open_session").returncode == 0
     syslog_sink.wait_for("cannot open")
+    assert run_hook(cfg, "open_session", fail_closed=True).returncode == 1
 
 
 def test_malformed_config_reported_to_syslog(tmp_path, syslog_sink):
     cfg = tmp_path / "c.toml"
     cfg.write_text("[pam]\ntimeout = 'soon'\n")
-    assert run_hook(cfg, "open_session").returncode == 1
+    assert run_hook(cfg, "open_session").returncode == 0
     syslog_sink.wait_for("pam.timeout must be a number")
+    assert run_hook(cfg, "open_session", fail_closed=True).returncode == 1
 
 
 def test_hang_is_cut_at_the_timeout(tmp_path, syslog_sink):
@@ -125,14 +171,15 @@ def test_hang_is_cut_at_the_timeout(tmp_path, syslog_sink):
     holder = sqlite3.connect(tmp_path / "s" / "spool.db", isolation_level=None)
     holder.execute("BEGIN EXCLUSIVE")  # every writer now waits for the lock
     try:
+        assert run_hook(cfg, "open_session").returncode == 0  # fail-open: the login goes on
+        syslog_sink.wait_for("gave up after 1s (pam.timeout)")
         t0 = time.monotonic()
-        r = run_hook(cfg, "open_session")
+        r = run_hook(cfg, "open_session", fail_closed=True)
         elapsed = time.monotonic() - t0
     finally:
         holder.execute("ROLLBACK")
     assert r.returncode != 0
     assert elapsed < 10  # far below the 60 s the lock wait alone would take
-    syslog_sink.wait_for("gave up after 1s (pam.timeout)")
 
 
 def test_user_environment_cannot_steer_the_root_hook(tmp_path, cfg_path):
@@ -146,11 +193,11 @@ def test_user_environment_cannot_steer_the_root_hook(tmp_path, cfg_path):
     r = run_hook(cfg_path, "open_session", env={"PYTHONPATH": str(evil), "PYTHONSTARTUP": str(evil),
                                                 "SSHTRAIL_CONFIG": str(other)})
     assert r.returncode == 0
+    assert len(wait_spooled(cfg_path, 1, kind="user.login")) == 1
     assert not marker.exists()
     assert not (tmp_path / "user-chosen.db").exists()
-    assert len(spooled(cfg_path, kind="user.login")) == 1
 
 
 def test_password_change_records_nothing(cfg_path):
-    assert run_hook(cfg_path, "password").returncode == 0
+    assert run_hook(cfg_path, "password", fail_closed=True).returncode == 0
     assert spooled(cfg_path) == []
