@@ -6,11 +6,14 @@ the eBPF tracer and the uploader here. Logs go to stderr (journald picks them up
 cleanly on SIGTERM/SIGINT after writing what it has read.
 
 The log position is saved in the spool in the same transaction as the events it produced, so a
-crash never re-emits or skips a line.
+restart neither re-reads nor skips a line. What a crash can lose: refusals the tracker still
+held in memory (a `Failed password` waits up to 2 s for the line that tells an expired account
+from a wrong password; a connection's own record waits for its end).
 """
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 import time
@@ -22,6 +25,8 @@ from sshtrail.spool import Spool
 log = logging.getLogger("sshtrail.agent")
 _POSITION_KEY = "sshd_log.position"
 REAP_EVERY = 5.0
+# A refusal of one attempt resolves one pending PAM attempt; these end the whole connection.
+_PER_ATTEMPT = {"bad_password", "bad_key", "bad_credentials"}
 
 
 class LogWatcher:
@@ -39,16 +44,17 @@ class LogWatcher:
         self.path = path
         self._last_reap = 0.0
 
-    def step(self, now: float | None = None) -> int:
+    def step(self, now: float | None = None, *, final: bool = False) -> int:
         """Read what the log has now; write its refusals; reap stale attempts. Returns the
-        number of events written."""
+        number of events written. `final` also writes what the tracker still holds."""
         now = time.time() if now is None else now
         lines = self.follower.read_available()
         refusals = []
         for line in lines:
             refusals += self.tracker.feed(line, now)
+        refusals += self.tracker.flush() if final else self.tracker.expire(now)
         written = 0
-        if lines:
+        if lines or refusals:
             evs, resolutions = [], []
             for r in refusals:
                 ev = events.new("user.login", at=r["time"], login=r["login"], success=False,
@@ -64,7 +70,7 @@ class LogWatcher:
                 evs.append(ev)
                 if r.get("port"):
                     resolutions.append((attempts.conn_key(r["addr"], r["port"]),
-                                        r.get("ends_connection", False)))
+                                        r["error"] not in _PER_ATTEMPT))
             inode, offset = self.follower.position()
             position = {"path": self.path, "inode": inode, "offset": offset}
 
@@ -79,7 +85,7 @@ class LogWatcher:
                 with self.spool.transaction() as db:
                     bookkeeping(db)
             written += len(evs)
-        if now - self._last_reap >= REAP_EVERY and not lines:
+        if now - self._last_reap >= min(REAP_EVERY, self.grace) and not lines:
             # Only once caught up with the log, so sshd's own account of an attempt wins.
             self._last_reap = now
             written += len(attempts.reap(self.spool, grace=self.grace, now=now))
@@ -93,9 +99,16 @@ def run(cfg, stop: threading.Event | None = None) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
     spool = Spool.from_config(cfg)
-    spool.append(events.new("agent.start", message=f"watching {cfg['sshd_log.path']}"))
-    log.info("agent started; spool %s; sshd log %s", cfg["spool.path"], cfg["sshd_log.path"])
+    # The follower fixes its starting point before agent.start says we are up.
     watcher = LogWatcher(spool, cfg["sshd_log.path"], attempt_grace=cfg["pam.attempt_grace"])
+    message = f"watching {cfg['sshd_log.path']}"
+    if not os.path.exists(cfg["sshd_log.path"]):
+        # Not fatal (it may appear), but until it does, refusals outside PAM go unrecorded.
+        message = (f"sshd log {cfg['sshd_log.path']} does not exist (yet): refused keys and "
+                   "users never reach PAM and are not recorded until it does; set sshd_log.path")
+        log.warning(message)
+    spool.append(events.new("agent.start", message=message))
+    log.info("agent started; spool %s; sshd log %s", cfg["spool.path"], cfg["sshd_log.path"])
     try:
         while not stop.is_set():
             try:
@@ -104,7 +117,7 @@ def run(cfg, stop: threading.Event | None = None) -> int:
             except Exception as e:  # noqa: BLE001 - a bad pass must not end the agent
                 log.error("log watcher pass failed: %s; retrying", e)
                 stop.wait(1.0)
-        watcher.step()  # what was already in the log when asked to stop
+        watcher.step(final=True)  # what was already in the log, and what the tracker held
     finally:
         spool.append(events.new("agent.stop"))
         spool.close()

@@ -1,0 +1,56 @@
+#!/usr/bin/env python3
+"""`make demo`: a lab sshd on 127.0.0.1 with sshtrail installed, a few real logins through the
+real OpenSSH client, and the events they left, shown back. Everything it creates (sshd, PAM
+service file, users) is removed at the end; the host's own sshd is never touched."""
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from lab import Lab  # noqa: E402
+from trail import Trail  # noqa: E402
+
+
+def say(text: str) -> None:
+    print(f"\n== {text}", flush=True)
+
+
+def main() -> int:
+    with tempfile.TemporaryDirectory(prefix="sshtrail-demo-") as d:
+        with Lab("demo", Path(d) / "lab", extra_sshd_config="AllowUsers st-*\n") as lab:
+            say(f"lab sshd on 127.0.0.1:{lab.port} (PAM service {lab.pam_service})")
+            trail = Trail(lab)
+            say("sshtrail install")
+            print(trail.install().stdout.rstrip())
+            trail.start_agent()
+            try:
+                alice = lab.add_user("alice", "alice-demo-pw")
+                steps = [
+                    ("alice logs in with her key and runs `id -un`", lambda: lab.ssh(alice, "id -un")),
+                    ("alice logs in with her password", lambda: lab.ssh(alice, "true", password="alice-demo-pw")),
+                    ("alice types a wrong password", lambda: lab.ssh(alice, password="not-her-password")),
+                    ("someone tries an unknown user", lambda: lab.ssh("st-mallory-000000", key=lab.stranger_key)),
+                    ("someone offers a key alice never authorized", lambda: lab.ssh(alice, key=lab.stranger_key)),
+                    ("root tries, outside AllowUsers", lambda: lab.ssh("root", key=lab.stranger_key)),
+                ]
+                for text, run in steps:
+                    r = run()
+                    out = r.stdout.decode().strip()
+                    print(f"  {text}: exit {r.returncode}" + (f", printed {out!r}" if out else ""))
+                # Refusals come from sshd's log, followed by the agent; give it a moment.
+                trail.wait_for(lambda evs: sum(not e["success"] for e in evs) >= 4,
+                               type="user.login", what="four refusals")
+                time.sleep(1)
+                say("sshtrail events")
+                print(trail.cli("events").stdout.rstrip())
+            finally:
+                trail.close()
+                trail.uninstall()
+    say("done: lab sshd stopped, users and PAM service removed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

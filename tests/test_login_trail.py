@@ -1,0 +1,248 @@
+"""The login trail end to end: a real sshd on 127.0.0.1, real PAM, the real OpenSSH client,
+sshtrail installed with its own CLI and the agent following sshd's log."""
+import json
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+
+from syslog_sink import SyslogSink
+from trail import Trail
+
+pytestmark = pytest.mark.integration
+
+
+def installed(lab):
+    t = Trail(lab)
+    t.install()
+    t.start_agent()
+    return t
+
+
+@pytest.fixture
+def trail(lab_factory):
+    # AllowUsers with a pattern: every lab user (st-*) may log in, root may not.
+    t = installed(lab_factory(extra_sshd_config="AllowUsers st-*\n"))
+    yield t
+    t.close()
+
+
+@pytest.fixture
+def pam_trail(lab_factory):
+    # For python-pam: its conversation callback dies with authenticate(), so a session module
+    # that talks (pam_motd, pam_mail in Debian's sshd file) would crash it. The stacks that
+    # decide auth and account are the same common-* files sshd uses.
+    t = installed(lab_factory(pam_text="@include common-auth\n@include common-account\n"
+                                       "@include common-session\n"))
+    yield t
+    t.close()
+
+
+@pytest.fixture
+def syslog_sink():
+    sink = SyslogSink()
+    yield sink
+    sink.close()
+
+
+def only_failure(trail, login):
+    evs = trail.logins(login)
+    assert len(evs) == 1, evs
+    assert evs[0]["success"] is False
+    return evs[0]
+
+
+def test_key_login_granted(trail):
+    user = trail.lab.add_user("alice")
+    r = trail.lab.ssh(user, "echo hi")
+    assert r.returncode == 0 and r.stdout == b"hi\n"
+    evs = trail.wait_for(lambda e: len(e) >= 3, user=user.login, what="login, start, end")
+    time.sleep(1.0)
+    evs = trail.events(user=user.login)
+    assert [e["event"] for e in evs] == ["user.login", "session.start", "session.end"]
+    login, start, end = evs
+    assert login["success"] is True and login["method"] == "publickey"
+    fp = subprocess.run(["ssh-keygen", "-lf", str(user.pubkey)], capture_output=True,
+                        text=True).stdout.split()[1]
+    assert login["key"] == f"ssh-ed25519 {fp}"
+    assert login["addr.remote"].startswith("127.0.0.1:") and login["server_id"] == "lab-host"
+    assert start["sid"] == end["sid"] and end["duration"] >= 0
+
+
+def test_wrong_password(trail):
+    user = trail.lab.add_user("bob", "right-pw-1")
+    assert trail.lab.ssh(user, password="wrong-pw").returncode == 255
+    ev = only_failure(trail, user.login)
+    assert ev["error"] == "bad_password" and ev["method"] == "password"
+
+
+def test_unknown_user(trail):
+    assert trail.lab.ssh("st-nosuch-000000", key=trail.lab.stranger_key).returncode == 255
+    ev = only_failure(trail, "st-nosuch-000000")
+    assert ev["error"] == "invalid_user"
+
+
+def test_refused_key(trail):
+    user = trail.lab.add_user("carol")
+    assert trail.lab.ssh(user, key=trail.lab.stranger_key).returncode == 255
+    ev = only_failure(trail, user.login)
+    assert ev["error"] == "bad_key" and ev["method"] == "publickey"
+    assert ev["key"].startswith("ED25519 SHA256:")
+
+
+def test_locked_account(trail):
+    user = trail.lab.add_user("dave", "dave-pw-1")
+    subprocess.run(["usermod", "-L", user.login], check=True)
+    assert trail.lab.ssh(user, password="dave-pw-1").returncode == 255
+    ev = only_failure(trail, user.login)
+    # sshd's log does not say why pam_unix refused a locked password: it reads as a bad one.
+    assert ev["error"] == "bad_password"
+
+
+def test_expired_account(trail):
+    user = trail.lab.add_user("erin", "erin-pw-1")
+    subprocess.run(["chage", "-E", "0", user.login], check=True)
+    assert trail.lab.ssh(user).returncode == 255  # even the right key
+    ev = only_failure(trail, user.login)
+    assert ev["error"] == "account_denied"
+
+
+def test_outside_allow_users(trail):
+    assert trail.lab.ssh("root", key=trail.lab.stranger_key).returncode == 255
+    ev = only_failure(trail, "root")
+    assert ev["error"] == "not_allowed"
+
+
+def test_refusals_are_told_apart(trail):
+    # One table of what each refusal reads as; they must all differ from each other.
+    lab = trail.lab
+    pw_user = lab.add_user("pw", "pw-pw-1")
+    key_user = lab.add_user("key")
+    cases = {
+        "bad_password": (pw_user.login, lambda: lab.ssh(pw_user, password="nope")),
+        "bad_key": (key_user.login, lambda: lab.ssh(key_user, key=lab.stranger_key)),
+        "invalid_user": ("st-ghost-111111", lambda: lab.ssh("st-ghost-111111", key=lab.stranger_key)),
+        "not_allowed": ("root", lambda: lab.ssh("root", key=lab.stranger_key)),
+    }
+    for _, run in cases.values():
+        assert run().returncode == 255
+    for error, (login, _) in cases.items():
+        assert only_failure(trail, login)["error"] == error
+
+
+def test_hook_failure_lets_login_in_and_reaches_syslog(trail, syslog_sink):
+    user = trail.lab.add_user("frank")
+    spool_dir = trail.spool_path.parent
+    blocked = spool_dir.with_name("spool-moved")
+    trail.stop_agent()
+    os.rename(spool_dir, blocked)
+    spool_dir.write_text("not a directory")  # the hook cannot open its spool
+    try:
+        r = trail.lab.ssh(user, "echo in")
+        assert r.returncode == 0 and r.stdout == b"in\n"
+        msg = syslog_sink.wait_for("could not record")
+        assert "cannot open" in msg and user.login in msg
+    finally:
+        spool_dir.unlink()
+        os.rename(blocked, spool_dir)
+
+
+def test_hook_hang_is_cut_and_login_proceeds(trail, syslog_sink):
+    trail.write_config("[pam]\ntimeout = 1.0\n[spool]\nbusy_timeout = 30.0\n")
+    user = trail.lab.add_user("gina")
+    holder = sqlite3.connect(trail.spool_path, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")  # every spool writer now waits
+    try:
+        t0 = time.monotonic()
+        r = trail.lab.ssh(user, "echo in")
+        assert r.returncode == 0 and r.stdout == b"in\n"
+        assert time.monotonic() - t0 < 10
+        syslog_sink.wait_for("gave up after 1s (pam.timeout)")
+    finally:
+        holder.execute("ROLLBACK")
+
+
+def test_fail_closed_refuses_when_it_cannot_record(trail, syslog_sink):
+    trail.write_config("[pam]\nfail_closed = true\n")
+    trail.install()  # fail_closed is applied by install: it sets the PAM control word
+    assert "required pam_exec.so" in trail.lab.pam_file.read_text()
+    user = trail.lab.add_user("hank")
+    assert trail.lab.ssh(user, "true").returncode == 0  # recording works: let in
+    spool_dir = trail.spool_path.parent
+    trail.stop_agent()
+    os.rename(spool_dir, spool_dir.with_name("spool-moved"))
+    spool_dir.write_text("not a directory")
+    try:
+        assert trail.lab.ssh(user, "true").returncode == 255
+        syslog_sink.wait_for("cannot open")
+    finally:
+        spool_dir.unlink()
+        os.rename(spool_dir.with_name("spool-moved"), spool_dir)
+
+
+PAM_LOGIN = """
+import json, sys, pam
+service, login, password = sys.argv[1:]
+p = pam.pam()
+ok = p.authenticate(login, password, service=service, call_end=False)
+if ok:
+    p.open_session()
+    p.close_session()
+    p.end()  # after a failed authenticate python-pam has already ended the handle
+print(json.dumps([ok, p.reason]))
+"""
+
+
+def pam_attempt(service, login, password):
+    # In a process of its own, as sshd would be: the hook keys PAM-only attempts on the
+    # calling pid, and reports them once that process is gone.
+    r = subprocess.run([sys.executable, "-c", PAM_LOGIN, service, login, password],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_python_pam_granted(pam_trail):
+    trail = pam_trail
+    user = trail.lab.add_user("ivan", "ivan-pw-1")
+    ok, _ = pam_attempt(trail.lab.pam_service, user.login, "ivan-pw-1")
+    assert ok
+    evs = trail.wait_for(lambda e: len(e) >= 3, user=user.login, what="login, start, end")
+    assert [e["event"] for e in evs] == ["user.login", "session.start", "session.end"]
+    time.sleep(3)  # past attempt_grace and a reap: the auth/account attempts were resolved
+    assert [e["event"] for e in trail.events(user=user.login)] == \
+        ["user.login", "session.start", "session.end"]
+
+
+def test_python_pam_refused_password(pam_trail):
+    trail = pam_trail
+    user = trail.lab.add_user("judy", "judy-pw-1")
+    ok, _ = pam_attempt(trail.lab.pam_service, user.login, "wrong")
+    assert not ok
+    # No sshd log line explains it: the agent reports it once the calling process is gone.
+    ev = only_failure(trail, user.login)
+    assert ev["error"] == "auth_failed" and "PAM saw this attempt" in ev["message"]
+
+
+def test_python_pam_refused_account(pam_trail):
+    trail = pam_trail
+    user = trail.lab.add_user("kim", "kim-pw-1")
+    subprocess.run(["chage", "-E", "0", user.login], check=True)
+    ok, _ = pam_attempt(trail.lab.pam_service, user.login, "kim-pw-1")
+    assert not ok
+    ev = only_failure(trail, user.login)
+    assert ev["error"] == "account_denied"
+
+
+def test_events_cli_filters(trail):
+    user = trail.lab.add_user("lee")
+    trail.lab.ssh(user)
+    trail.wait_for(lambda e: len(e) >= 1, user=user.login, type="session.end")
+    table = trail.cli("events", "--user", user.login, "--since", "10m").stdout
+    lines = table.splitlines()
+    assert lines[0].split()[:3] == ["TIME", "EVENT", "LOGIN"]
+    assert len(lines) == 4 and "granted publickey" in table
+    assert trail.cli("events", "--user", user.login, "--since", "bogus", check=False).returncode == 2

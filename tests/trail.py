@@ -1,0 +1,131 @@
+"""sshtrail installed into a lab sshd, the way an operator installs it: for tests, the demo and
+the benchmarks.
+
+`Trail(lab)` writes a private config (spool, state dir, sshd log: all inside the lab's workdir),
+runs the real `sshtrail install` CLI against the lab's PAM service and sshd_config, reloads the
+lab's sshd and starts the real `sshtrail agent`. It never touches the host's defaults.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from lab import Lab
+
+SSHTRAIL = [sys.executable, "-m", "sshtrail.cli"]
+
+
+class Trail:
+    def __init__(self, lab: Lab, *, settings: str = ""):
+        self.lab = lab
+        self.dir = lab.workdir / "sshtrail"
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.config = self.dir / "sshtrail.toml"
+        self.spool_path = self.dir / "spool" / "spool.db"
+        self.settings = settings
+        self.agent: subprocess.Popen | None = None
+        self.write_config()
+
+    def write_config(self, settings: str | None = None) -> None:
+        if settings is not None:
+            self.settings = settings
+        extra = self.settings
+        # Sections the caller gives are merged by appending keys under the same headers.
+        base = {"spool": [f'path = "{self.spool_path}"'],
+                "sshd_log": [f'path = "{self.lab.log_file}"', "poll_interval = 0.05"],
+                "pam": ["attempt_grace = 1.0"],
+                "install": [f'state_dir = "{self.dir / "state"}"']}
+        top = ['server_id = "lab-host"']
+        section = None
+        for line in extra.splitlines():
+            line = line.strip()
+            if line.startswith("["):
+                section = line.strip("[]")
+                base.setdefault(section, [])
+            elif line:
+                key = line.split("=")[0].strip()
+                target = base[section] if section else top
+                target[:] = [l for l in target if l.split("=")[0].strip() != key] + [line]
+        text = "\n".join(top) + "\n" + "".join(
+            f"\n[{s}]\n" + "\n".join(lines) + "\n" for s, lines in base.items())
+        self.config.write_text(text)
+
+    def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        r = subprocess.run(SSHTRAIL + [args[0], "--config", str(self.config), *args[1:]],
+                           capture_output=True, text=True, timeout=60)
+        if check and r.returncode != 0:
+            raise AssertionError(f"sshtrail {' '.join(args)} failed ({r.returncode}):\n{r.stderr}")
+        return r
+
+    def install(self) -> subprocess.CompletedProcess:
+        r = self.cli("install", "--pam-service", self.lab.pam_service,
+                     "--sshd-config", str(self.lab.sshd_config))
+        self.lab.reload()
+        return r
+
+    def uninstall(self) -> subprocess.CompletedProcess:
+        r = self.cli("uninstall", "--pam-service", self.lab.pam_service,
+                     "--sshd-config", str(self.lab.sshd_config))
+        self.lab.reload()
+        return r
+
+    def start_agent(self) -> None:
+        self.agent = subprocess.Popen(SSHTRAIL + ["agent", "--config", str(self.config)],
+                                      stdout=subprocess.DEVNULL, stderr=open(self.dir / "agent.log", "ab"))
+        self.wait_for(lambda evs: any(e["event"] == "agent.start" for e in evs), what="agent.start")
+
+    def stop_agent(self) -> None:
+        if self.agent and self.agent.poll() is None:
+            self.agent.send_signal(signal.SIGTERM)
+            try:
+                self.agent.wait(10)
+            except subprocess.TimeoutExpired:
+                self.agent.kill()
+                self.agent.wait()
+        self.agent = None
+
+    def events(self, **filters) -> list[dict]:
+        args = ["events", "--json"]
+        for k, v in filters.items():
+            args += [f"--{k}", v]
+        r = self.cli(*args, check=False)
+        if r.returncode != 0:
+            if "no spool" in r.stderr:
+                return []
+            raise AssertionError(r.stderr)
+        return [json.loads(line) for line in r.stdout.splitlines()]
+
+    def wait_for(self, predicate, *, timeout: float = 15.0, what: str = "events", **filters) -> list[dict]:
+        deadline = time.monotonic() + timeout
+        while True:
+            evs = self.events(**filters)
+            if predicate(evs):
+                return evs
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}; have:\n"
+                                     + "\n".join(json.dumps(e) for e in evs))
+            time.sleep(0.1)
+
+    def logins(self, login: str, *, settle: float = 1.5, n: int = 1, timeout: float = 15.0) -> list[dict]:
+        """user.login events for `login`, once at least `n` are there and nothing more arrived
+        for `settle` seconds (a duplicate would show up in that time)."""
+        self.wait_for(lambda evs: len(evs) >= n, timeout=timeout, what=f"{n} user.login for {login}",
+                      type="user.login", user=login)
+        time.sleep(settle)
+        return self.events(type="user.login", user=login)
+
+    def close(self) -> None:
+        self.stop_agent()
+
+
+def env_without_sshtrail() -> dict:
+    return {k: v for k, v in os.environ.items() if k != "SSHTRAIL_CONFIG"}
+
+
+def project_root() -> Path:
+    return Path(__file__).resolve().parent.parent
