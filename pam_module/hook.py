@@ -7,12 +7,12 @@ friends are ignored and nothing from site-packages runs; it never asks for or re
 (no expose_authtok); and it ends within `pam.timeout` seconds no matter what: a watchdog thread
 ends it, and SIGALRM's default action ends it if even that thread cannot run.
 
-Fail-open (the default): the hook takes the facts of the PAM call, forks, and returns success at
-once; the child writes the spool. Logins never wait on storage (a PAM call costs the login one
-bare interpreter start, not the spool write), and whatever goes wrong in the child reaches
-syslog (LOG_AUTHPRIV). Fail-closed (`--fail-closed`, written by install when pam.fail_closed is
-true, with the PAM control `required`): the hook writes before it returns and exits non-zero if
-it could not, so PAM refuses the login.
+Fail-open (the default): pam_exec runs detach.sh, which starts this hook in a session of its own
+(`setsid -f`) and returns at once, passing the PAM caller's pid as --caller. Logins never wait
+for the recording: a Python start costs a PAM call ~7 ms here, and a login makes three. Whatever
+goes wrong reaches syslog (LOG_AUTHPRIV). Fail-closed (`--fail-closed`, written by install when
+pam.fail_closed is true, with the PAM control `required`): pam_exec runs the hook itself, which
+writes before it returns and exits non-zero if it could not, so PAM refuses the login.
 
 What each PAM call records:
 - auth, account: a pending attempt, keyed by the connection (SSH_CONNECTION). No event yet: PAM
@@ -26,12 +26,12 @@ What each PAM call records:
 """
 from __future__ import annotations
 
+import _thread
 import math
 import os
 import signal
 import sys
 import syslog
-import threading
 import time
 
 if __name__ == "__main__" and not __package__:
@@ -53,12 +53,15 @@ class HookError(Exception):
 
 
 def command(python: str, config_path: str | None, *, fail_closed: bool = False) -> list[str]:
-    """The argv a PAM line runs: isolated (-I: no PYTHONPATH, no user site, no cwd on sys.path)
-    and without site (-S: faster, and nothing from site-packages runs as root)."""
+    """The argv a PAM line runs: Python isolated (-I: no PYTHONPATH, no user site, no cwd on
+    sys.path) and without site (-S: faster, and nothing from site-packages runs as root);
+    behind detach.sh unless fail-closed."""
     argv = [python, "-I", "-S", os.path.abspath(__file__)]
     if config_path:
         argv += ["--config", os.path.abspath(config_path)]
-    return argv + (["--fail-closed"] if fail_closed else [])
+    if fail_closed:
+        return argv + ["--fail-closed"]
+    return ["/bin/sh", os.path.join(os.path.dirname(os.path.abspath(__file__)), "detach.sh")] + argv
 
 
 def _report(message: str) -> None:
@@ -66,17 +69,28 @@ def _report(message: str) -> None:
     syslog.syslog(syslog.LOG_ERR, message)
 
 
-def _start_watchdog(seconds: float, what: str) -> threading.Timer:
-    def expire():
-        _report(f"{what}: gave up after {seconds:g}s (pam.timeout); nothing recorded")
+class _Watchdog:
+    """Ends the process at the deadline, reporting why, even while the main thread is stuck in
+    C (sqlite waiting for a lock releases the GIL). _thread, not threading: ~3 ms less per call.
+    Backstop: SIGALRM's default action kills us even if the GIL is never released."""
+
+    def __init__(self, seconds: float, what: str):
+        self.what = what
+        self.start = time.monotonic()
+        self.set(seconds)
+        _thread.start_new_thread(self._run, ())
+
+    def set(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.deadline = self.start + seconds
+        signal.signal(signal.SIGALRM, signal.SIG_DFL)
+        signal.alarm(int(math.ceil(seconds)) + 1)
+
+    def _run(self) -> None:
+        while (left := self.deadline - time.monotonic()) > 0:
+            time.sleep(min(left, 0.05))
+        _report(f"{self.what}: gave up after {self.seconds:g}s (pam.timeout); nothing recorded")
         os._exit(3)
-    timer = threading.Timer(seconds, expire)
-    timer.daemon = True
-    timer.start()
-    # Backstop: the default action of SIGALRM kills us even if the GIL is never released.
-    signal.signal(signal.SIGALRM, signal.SIG_DFL)
-    signal.alarm(int(math.ceil(seconds)) + 1)
-    return timer
 
 
 def _clean(name: str, value: str | None, *, required: bool = True) -> str:
@@ -105,7 +119,10 @@ class PamCall:
         self.tty = _clean("PAM_TTY", env.get("PAM_TTY"), required=False)
         self.rhost = _clean("PAM_RHOST", env.get("PAM_RHOST"), required=False)
         self.ppid = ppid
-        self.ppid_start = sessionid.start_time(ppid)
+        try:
+            self.ppid_start = sessionid.start_time(ppid)
+        except sessionid.ProcessGone:
+            self.ppid_start = None  # sshd already gone (a very short session): see sid()
         self.boot = sessionid.boot_id()
         conn = _clean("SSH_CONNECTION", env.get("SSH_CONNECTION"), required=False)
         if conn:
@@ -122,7 +139,11 @@ class PamCall:
         self.auth_info = env.get("SSH_AUTH_INFO_0", "")
 
     def sid(self, server_id: str) -> str:
-        from sshtrail import sessionid
+        """Derived from the sshd process (see sshtrail.sessionid), so others can find it; if
+        that process is already gone, a fresh id (close_session looks up what open chose)."""
+        from sshtrail import events, sessionid
+        if self.ppid_start is None:
+            return events.new_uid()
         return sessionid.derive(server_id, self.boot, self.ppid, self.ppid_start)
 
     def method_and_key(self) -> tuple[str, str]:
@@ -167,11 +188,12 @@ def record(cfg, call: PamCall) -> None:
                                                       call.user, call.now))
             spool.append(login, start, extra_sql=bookkeeping)
         elif call.type == "close_session":
-            started = _wait_for_start(spool, call)
-            end = events.new("session.end", at=call.now, sid=call.sid(spool.server_id),
-                             login=call.user, **{"addr.remote": call.addr})
-            if started is not None:
-                end["duration"] = round(max(call.now - started, 0.0), 6)
+            row = _wait_for_start(spool, call)
+            end = events.new("session.end", at=call.now, login=call.user,
+                             sid=row[0] if row else call.sid(spool.server_id),
+                             **{"addr.remote": call.addr})
+            if row:
+                end["duration"] = round(max(call.now - row[1], 0.0), 6)
             else:
                 end["message"] = "session start was not recorded"
             spool.append(end, extra_sql=lambda db: db.execute(
@@ -181,64 +203,47 @@ def record(cfg, call: PamCall) -> None:
         spool.close()
 
 
-def _wait_for_start(spool, call: PamCall) -> float | None:
+def _wait_for_start(spool, call: PamCall) -> tuple[str, float] | None:
+    """The (sid, start time) open_session recorded for this connection and sshd process."""
     deadline = time.monotonic() + _CLOSE_WAITS_FOR_OPEN
     while True:
-        row = spool.db.execute("SELECT started FROM pam_sessions WHERE conn = ? AND pid = ?",
+        row = spool.db.execute("SELECT sid, started FROM pam_sessions WHERE conn = ? AND pid = ?",
                                (call.conn, call.ppid)).fetchone()
         if row or time.monotonic() >= deadline:
-            return row[0] if row else None
+            return tuple(row) if row else None
         time.sleep(0.02)
 
 
-def _config_arg(argv: list[str]) -> str | None:
+def _option(argv: list[str], name: str) -> str | None:
     for i, a in enumerate(argv):
-        if a == "--config" and i + 1 < len(argv):
+        if a == name and i + 1 < len(argv):
             return argv[i + 1]
-        if a.startswith("--config="):
+        if a.startswith(name + "="):
             return a.split("=", 1)[1]
     return None
-
-
-def _detach() -> bool:
-    """Fork; the parent returns False (and exits at once), the child True, in a new session so
-    that signals aimed at sshd's process group do not reach it."""
-    if os.fork():
-        return False
-    os.setsid()
-    return True
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     now = time.time()
-    fail_closed = "--fail-closed" in argv
     what = f"sshtrail-pam {os.environ.get('PAM_TYPE', '?')} for {os.environ.get('PAM_USER', '?')!r}"
+    watchdog = _Watchdog(DEFAULT_TIMEOUT, what)
     try:
-        call = PamCall(os.environ, os.getppid(), now)
-    except Exception as e:  # noqa: BLE001 - bad input: say so, never a traceback
-        _report(f"{what}: could not record: {e}")
-        return 1 if fail_closed else 0
-    if not fail_closed and not _detach():
-        return 0
-    watchdog = _start_watchdog(DEFAULT_TIMEOUT, what)
-    try:
+        caller = _option(argv, "--caller")
+        if caller is not None and not caller.isdigit():
+            raise HookError(f"--caller {caller!r} is not a pid")
+        call = PamCall(os.environ, int(caller) if caller else os.getppid(), now)
         from sshtrail import config
-        cfg = config.load(_config_arg(argv), use_env=False)
-        if cfg["pam.timeout"] != DEFAULT_TIMEOUT:
-            watchdog.cancel()
-            watchdog = _start_watchdog(cfg["pam.timeout"], what)
+        cfg = config.load_cached(_option(argv, "--config"))
+        watchdog.set(cfg["pam.timeout"])
         record(cfg, call)
         return 0
     except Exception as e:  # noqa: BLE001 - every failure must reach syslog, never a traceback
         _report(f"{what}: could not record: {e}")
         return 1
     finally:
-        watchdog.cancel()
         signal.alarm(0)
 
 
 if __name__ == "__main__":
-    code = main()
-    sys.stdout.flush()
-    os._exit(code)  # the detached parent must not wait for the watchdog thread
+    sys.exit(main())

@@ -11,22 +11,24 @@ choose its config.
 """
 from __future__ import annotations
 
+import marshal
 import os
-import tomllib
-from typing import NamedTuple
 
 from .errors import SshtrailError
 
 DEFAULT_PATH = "/etc/sshtrail/sshtrail.toml"
-# Plain strings and os.path rather than pathlib, NamedTuple rather than dataclasses: the PAM
-# hook imports this once per PAM call and those imports cost it several milliseconds.
+# Parsed configs for the PAM hook, keyed by config path, valid while the file is unchanged.
+CACHE_DIR = "/var/cache/sshtrail"
+# Plain strings and os.path rather than pathlib, a plain class rather than dataclasses or
+# typing.NamedTuple: the PAM hook imports this once per PAM call and those imports cost it
+# several milliseconds.
 
 
-class Key(NamedTuple):
-    name: str
-    default: object
-    doc: str
-    choices: tuple = ()
+class Key:
+    __slots__ = ("name", "default", "doc", "choices")
+
+    def __init__(self, name: str, default, doc: str, choices: tuple = ()):
+        self.name, self.default, self.doc, self.choices = name, default, doc, choices
 
 
 DEFAULTS: tuple[Key, ...] = (
@@ -113,6 +115,7 @@ class Config:
 
 
 def parse(text: str, source: str = "<config>") -> Config:
+    import tomllib  # here, not at the top: the PAM hook usually reads the cache instead
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -165,6 +168,47 @@ def load(explicit: str | os.PathLike | None = None, *, use_env: bool = True) -> 
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read config: {e}") from None
     return parse(text, path)
+
+
+def load_cached(explicit: str | None) -> Config:
+    """load() for the PAM hook (no environment), skipping the TOML parser while the file is
+    unchanged: importing tomllib costs ~7 ms of every PAM call. The cache is trusted only in a
+    root-only directory, and is keyed by the file's inode, size and mtime."""
+    path, _ = resolve_path(explicit, use_env=False)
+    try:
+        st = os.stat(path)
+    except OSError:
+        return load(explicit, use_env=False)  # absent: defaults, or the error load() gives
+    from .sha import sha256
+    stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+    cache = os.path.join(CACHE_DIR, sha256(os.path.abspath(path).encode()).hexdigest()[:32])
+    if _cache_dir_is_private():
+        try:
+            with open(cache, "rb") as f:
+                saved_stamp, values = marshal.load(f)
+            if tuple(saved_stamp) == stamp and set(values) == set(_BY_NAME):
+                return Config(values, path)
+        except (OSError, EOFError, ValueError, TypeError):
+            pass
+    cfg = load(path, use_env=False)
+    try:
+        os.makedirs(CACHE_DIR, mode=0o700, exist_ok=True)
+        if _cache_dir_is_private():
+            tmp = f"{cache}.{os.getpid()}"
+            with open(tmp, "wb") as f:
+                marshal.dump((stamp, cfg._values), f)
+            os.replace(tmp, cache)
+    except OSError:
+        pass  # a cache we cannot write only costs time
+    return cfg
+
+
+def _cache_dir_is_private() -> bool:
+    try:
+        st = os.stat(CACHE_DIR)
+    except OSError:
+        return False
+    return st.st_uid == os.geteuid() and not st.st_mode & 0o077
 
 
 def render_defaults() -> str:

@@ -17,7 +17,6 @@ import os
 import sqlite3
 import time
 from contextlib import contextmanager
-from typing import NamedTuple
 
 from . import events
 from .errors import SshtrailError
@@ -62,9 +61,12 @@ class SpoolFull(SpoolError):
     """An append was refused under on_full = drop_new; it has been counted."""
 
 
-class Batch(NamedTuple):
-    id: str
-    events: list[dict]
+class Batch:
+    """A claimed batch: ack or release it by `id`."""
+    __slots__ = ("id", "events")
+
+    def __init__(self, id: str, events: list[dict]):
+        self.id, self.events = id, events
 
 
 class Spool:

@@ -1,4 +1,5 @@
 """Config: defaults, overrides, and errors that name the key and line."""
+import os
 import subprocess
 import sys
 import tomllib
@@ -66,3 +67,23 @@ def test_cli_reports_bad_config_without_traceback(tmp_path):
     assert r.returncode == 2
     assert "line 2: spool.max_bytes must be an integer" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_cached_load_follows_edits_and_ignores_foreign_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(config, "CACHE_DIR", str(tmp_path / "cache"))
+    p = tmp_path / "c.toml"
+    p.write_text('[spool]\npath = "/tmp/one.db"\n')
+    assert config.load_cached(p)["spool.path"] == "/tmp/one.db"
+    assert len(list((tmp_path / "cache").iterdir())) == 1  # cached
+    assert config.load_cached(p)["spool.path"] == "/tmp/one.db"  # from the cache
+    p.write_text('[spool]\npath = "/tmp/two-longer.db"\n')
+    assert config.load_cached(p)["spool.path"] == "/tmp/two-longer.db"  # edit seen
+    p.write_text("[spool]\npath = 7\n")
+    with pytest.raises(config.ConfigError, match="spool.path must be a string"):
+        config.load_cached(p)  # a bad edit is an error, not the old cached values
+    # A cache directory others can write to is not trusted (nor written).
+    p.write_text('[spool]\npath = "/tmp/three.db"\n')
+    os.chmod(tmp_path / "cache", 0o777)
+    for f in (tmp_path / "cache").iterdir():
+        f.write_bytes(b"garbage")
+    assert config.load_cached(p)["spool.path"] == "/tmp/three.db"

@@ -76,3 +76,17 @@ def test_from_json_rejects_garbage():
         events.from_json("{")
     with pytest.raises(events.EventError, match="expected a JSON object"):
         events.from_json(json.dumps([1]))
+
+
+def test_parse_time_agrees_with_calendar_across_dates():
+    import calendar
+    import random
+    rnd = random.Random(7)
+    for _ in range(2000):
+        t = rnd.randrange(-2_000_000_000, 8_000_000_000) + rnd.randrange(1_000_000) / 1e6
+        assert events.parse_time(events.format_time(t)) == pytest.approx(round(t, 6), abs=1e-6)
+    assert events.parse_time("2024-02-29T00:00:00Z") == calendar.timegm((2024, 2, 29, 0, 0, 0))
+    for bad in ("2023-02-29T00:00:00Z", "2024-13-01T00:00:00Z", "2024-01-01T24:00:00Z",
+                "2024-01-01T00:00:00", "2024-01-01T00:00:00.abcZ", "2024-01-01 00:00:00Z"):
+        with pytest.raises(events.EventError):
+            events.parse_time(bad)

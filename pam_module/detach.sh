@@ -1,0 +1,7 @@
+#!/bin/sh
+# What pam_exec.so runs in fail-open mode: start the hook in a session of its own and return at
+# once, so a login never waits for the recording of it (pam_exec waits only for this process).
+# $PPID here is the process that called PAM (sshd); the detached hook could not learn it later.
+# Usage: detach.sh PYTHON ARGS...   (the hook's own command line)
+caller=$PPID
+exec /usr/bin/setsid -f "$@" --caller "$caller"
