@@ -11,10 +11,9 @@ ends (see hook.py). Each attempt must end as exactly one outcome:
 """
 from __future__ import annotations
 
-import os
 import time
 
-from sshtrail import events
+from sshtrail import events, procfs
 
 # Past this age an attempt is reported even if its process still runs: sshd's LoginGraceTime is
 # 120 s by default, so a live pre-auth connection cannot hold one this long.
@@ -46,16 +45,6 @@ def consume(db, conn: str, *, everything: bool) -> int:
                       "WHERE conn = ?)", (conn,)).rowcount
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def reap(spool, *, grace: float, now: float | None = None) -> list[dict]:
     """Report attempts whose process has been gone for `grace` seconds (or that are older than
     MAX_AGE) as refusals, one per connection, and delete them. Returns the events written."""
@@ -69,7 +58,7 @@ def reap(spool, *, grace: float, now: float | None = None) -> list[dict]:
     stale: dict[str, list] = {}
     for row in rows:
         _, conn, _, _, _, pid, _, started = row
-        if now - started >= MAX_AGE or not _alive(pid):
+        if now - started >= MAX_AGE or not procfs.alive(pid):
             stale.setdefault(conn, []).append(row)
     written = []
     for conn, group in stale.items():

@@ -109,7 +109,7 @@ class PamCall:
     by the time the child writes) and checked: all of it comes from the PAM environment."""
 
     def __init__(self, env, ppid: int, now: float):
-        from sshtrail import sessionid
+        from sshtrail import procfs
         self.now = now
         self.type = _clean("PAM_TYPE", env.get("PAM_TYPE"))
         if self.type not in _PAM_TYPES:
@@ -120,10 +120,10 @@ class PamCall:
         self.rhost = _clean("PAM_RHOST", env.get("PAM_RHOST"), required=False)
         self.ppid = ppid
         try:
-            self.ppid_start = sessionid.start_time(ppid)
-        except sessionid.ProcessGone:
+            self.ppid_start = procfs.start_time(ppid)
+        except procfs.ProcessGone:
             self.ppid_start = None  # sshd already gone (a very short session): see sid()
-        self.boot = sessionid.boot_id()
+        self.boot = procfs.boot_id()
         conn = _clean("SSH_CONNECTION", env.get("SSH_CONNECTION"), required=False)
         if conn:
             parts = conn.split()

@@ -6,7 +6,6 @@ message and a non-zero exit: never a traceback for bad input.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import re

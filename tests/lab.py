@@ -44,6 +44,8 @@ import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from sshtrail.procfs import alive
+
 SSHD = Path("/usr/sbin/sshd")
 PAM_DIR = Path("/etc/pam.d")
 HOST_PAM_FILE = PAM_DIR / "sshd"  # read only, as the default text of a lab's PAM file
@@ -659,12 +661,12 @@ def sweep_stale() -> list[str]:
         except OSError:
             continue
         m = re.match(rf"# {MARK}: name=\S+ pid=(\d+)", first[0]) if first else None
-        if m and not _alive(int(m.group(1))):
+        if m and not alive(int(m.group(1))):
             path.unlink(missing_ok=True)
             removed.append(str(path))
     for pw in pwd.getpwall():
         m = re.match(rf"{MARK} \S+ pid=(\d+)$", pw.pw_gecos)
-        if pw.pw_name.startswith(USER_PREFIX) and m and not _alive(int(m.group(1))):
+        if pw.pw_name.startswith(USER_PREFIX) and m and not alive(int(m.group(1))):
             _terminate_pids(_pids_of_uid(pw.pw_uid), 5.0)
             try:
                 _run(["userdel", "--remove", "--force", pw.pw_name], ok=(0, 12))
@@ -730,16 +732,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _proc_table() -> dict[int, tuple[int, int]]:
     """pid -> (ppid, real uid), from /proc."""
     table = {}
@@ -784,7 +776,7 @@ def _terminate_pids(pids: Iterable[int], timeout: float) -> None:
             pass
     deadline = time.monotonic() + timeout
     while pids and time.monotonic() < deadline:
-        pids = [p for p in pids if _alive(p) and not _zombie(p)]
+        pids = [p for p in pids if alive(p) and not _zombie(p)]
         time.sleep(0.02)
     for p in pids:
         try:

@@ -4,7 +4,7 @@ import subprocess
 
 import pytest
 
-from sshtrail import sessionid
+from sshtrail import procfs, sessionid
 
 
 def test_vector():
@@ -17,11 +17,11 @@ def test_vector():
 
 
 def test_start_time_of_live_and_gone_process():
-    assert sessionid.start_time(os.getpid()) > 0
+    assert procfs.start_time(os.getpid()) > 0
     p = subprocess.Popen(["true"])
     p.wait()
-    with pytest.raises(sessionid.ProcessGone):
-        sessionid.start_time(p.pid)
+    with pytest.raises(procfs.ProcessGone):
+        procfs.start_time(p.pid)
 
 
 def test_comm_with_parentheses_and_spaces(tmp_path):
@@ -29,7 +29,7 @@ def test_comm_with_parentheses_and_spaces(tmp_path):
     exe.symlink_to("/bin/sleep")
     p = subprocess.Popen([str(exe), "5"])
     try:
-        assert sessionid.start_time(p.pid) >= sessionid.start_time(os.getpid())
+        assert procfs.start_time(p.pid) >= procfs.start_time(os.getpid())
     finally:
         p.kill()
         p.wait()

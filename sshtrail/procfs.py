@@ -1,0 +1,34 @@
+"""Facts about processes from /proc and the kernel: start times, the boot, liveness."""
+from __future__ import annotations
+
+import os
+
+
+class ProcessGone(OSError):
+    pass
+
+
+def boot_id() -> str:
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        return f.read().strip()
+
+
+def start_time(pid: int) -> int:
+    """The process's start time in clock ticks since boot (/proc/PID/stat field 22)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except FileNotFoundError:
+        raise ProcessGone(f"process {pid} is gone") from None
+    # comm (field 2) may hold spaces and parentheses: split after the last ')'.
+    return int(stat[stat.rindex(b")") + 2:].split()[19])
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
