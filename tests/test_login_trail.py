@@ -246,3 +246,19 @@ def test_events_cli_filters(trail):
     assert lines[0].split()[:3] == ["TIME", "EVENT", "LOGIN"]
     assert len(lines) == 4 and "granted publickey" in table
     assert trail.cli("events", "--user", user.login, "--since", "bogus", check=False).returncode == 2
+
+
+def test_install_twice_then_uninstall_restores_bytes(lab_factory):
+    lab = lab_factory()
+    before = {p: p.read_bytes() for p in (lab.pam_file, lab.sshd_config)}
+    t = Trail(lab)
+    first = t.install().stdout
+    assert "changed" in first and lab.pam_file.read_bytes() != before[lab.pam_file]
+    installed = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in before}
+    second = t.install().stdout
+    assert "changed" not in second.replace("unchanged", "")
+    assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in before} == installed
+    t.uninstall()
+    assert {p: p.read_bytes() for p in before} == before
+    user = lab.add_user("after")
+    assert lab.ssh(user, "echo ok").stdout == b"ok\n"  # sshd and PAM work as before
