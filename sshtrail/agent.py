@@ -1,8 +1,8 @@
 """`sshtrail agent`: the root daemon on each host.
 
-For now it hosts the sshd-log watcher: it follows sshd's log, turns refusals into `user.login`
-failures, and reaps PAM attempts nothing else explained. Later issues add the session socket,
-the eBPF tracer and the uploader here. Logs go to stderr (journald picks them up); it stops
+It hosts the sshd-log watcher (refusals into `user.login` failures, and the reaping of PAM
+attempts nothing else explained) and the session socket where wrappers deliver recordings
+(sshtrail.session_server). Later issues add the eBPF tracer and the uploader here. Logs go to stderr (journald picks them up); it stops
 cleanly on SIGTERM/SIGINT after writing what it has read.
 
 The log position is saved in the spool in the same transaction as the events it produced, so a
@@ -19,7 +19,7 @@ import threading
 import time
 
 from pam_module import attempts, sshd_log
-from sshtrail import events
+from sshtrail import events, session_server
 from sshtrail.spool import Spool
 
 log = logging.getLogger("sshtrail.agent")
@@ -107,8 +107,10 @@ def run(cfg, stop: threading.Event | None = None) -> int:
         message = (f"sshd log {cfg['sshd_log.path']} does not exist (yet): refused keys and "
                    "users never reach PAM and are not recorded until it does; set sshd_log.path")
         log.warning(message)
+    sessions = session_server.serve(cfg)
     spool.append(events.new("agent.start", message=message))
-    log.info("agent started; spool %s; sshd log %s", cfg["spool.path"], cfg["sshd_log.path"])
+    log.info("agent started; spool %s; sshd log %s; sessions on %s", cfg["spool.path"],
+             cfg["sshd_log.path"], cfg["agent.socket"])
     try:
         while not stop.is_set():
             try:
@@ -119,6 +121,7 @@ def run(cfg, stop: threading.Event | None = None) -> int:
                 stop.wait(1.0)
         watcher.step(final=True)  # what was already in the log, and what the tracker held
     finally:
+        sessions.stop()
         spool.append(events.new("agent.stop"))
         spool.close()
         log.info("agent stopped")

@@ -21,6 +21,8 @@ EXAMPLES = """examples:
   sshtrail install --pam-service sshd-lab --sshd-config /srv/lab/sshd_config --config /srv/lab/sshtrail.toml
   sshtrail events --since 10m               what happened in the last ten minutes
   sshtrail events --type user.login --user alice --json
+  sshtrail sessions                         recorded sessions
+  sshtrail export SID -o s.cast             a recording as asciicast v2 (asciinema play s.cast)
   sshtrail agent                            run the host daemon in the foreground
   sshtrail config --defaults                every config key, its default and what it does
 """
@@ -59,6 +61,12 @@ def _detail(ev: dict) -> str:
         return f"REFUSED {ev.get('error')}" + (f" ({ev['method']})" if ev.get("method") else "")
     if kind == "session.end" and "duration" in ev:
         return f"after {ev['duration']:.1f}s"
+    if kind == "exec":
+        return f"`{ev['command']}` exit {ev.get('exit_status')}"
+    if kind == "session.recording":
+        return f"recorded {ev.get('size', 0)}B" + (f"; {ev['end_reason']}" if ev.get("end_reason") else "")
+    if kind == "session.recording_failed":
+        return ev["reason"]
     if kind == "spool.dropped":
         return f"{ev['count']} dropped: {ev['reason']}"
     return ev.get("message", "")
@@ -69,6 +77,10 @@ def format_table(evs: list[dict]) -> str:
     for ev in evs:
         rows.append((ev["time"][:23].replace("T", " "), ev["event"], ev.get("login", ""),
                      ev.get("addr.remote", ""), _detail(ev), ev.get("sid", "")[:13]))
+    return _columns(rows)
+
+
+def _columns(rows: list[tuple]) -> str:
     rows = [tuple(_safe(c) for c in r) for r in rows]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
@@ -77,11 +89,7 @@ def format_table(evs: list[dict]) -> str:
 # -- subcommands ----------------------------------------------------------------------------
 
 def cmd_events(args, cfg) -> int:
-    from sshtrail.spool import Spool
-    if not os.path.exists(cfg["spool.path"]):
-        raise CliError(f"no spool at {cfg['spool.path']}: nothing recorded yet, or --config "
-                       "points at another host's settings")
-    spool = Spool.from_config(cfg)
+    spool = _open_spool(cfg)
     try:
         evs = spool.query(kind=args.type, login=args.user,
                           since=parse_since(args.since) if args.since else None, limit=args.limit)
@@ -97,6 +105,7 @@ def cmd_events(args, cfg) -> int:
 
 def cmd_install(args, cfg) -> int:
     from pam_module import hook
+    from session_wrapper import shell
     from sshtrail import install
     from sshtrail.spool import Spool
     Spool.from_config(cfg).close()  # the hook's first login should not have to create it
@@ -104,7 +113,8 @@ def cmd_install(args, cfg) -> int:
         pam_file=Path("/etc/pam.d") / args.pam_service, sshd_config=Path(args.sshd_config),
         hook_argv=hook.command(sys.executable, args.config, fail_closed=cfg["pam.fail_closed"]),
         fail_closed=cfg["pam.fail_closed"], state_dir=Path(cfg["install.state_dir"]),
-        sshd_binary=args.sshd_binary, log=_note)
+        sshd_binary=args.sshd_binary, log=_note,
+        force_command=shell.command(sys.executable, args.config))
     print(report)
     return 0
 
@@ -121,6 +131,77 @@ def cmd_uninstall(args, cfg) -> int:
 
 def _note(message: str) -> None:
     print(f"sshtrail: {message}", file=sys.stderr)
+
+
+def cmd_sessions(args, cfg) -> int:
+    spool = _open_spool(cfg)
+    try:
+        rows = spool.recordings()
+    finally:
+        spool.close()
+    if args.json:
+        for r in rows:
+            print(events.to_json(_session_summary(r)))
+        return 0
+    table = [("SID", "USER", "MODE", "START", "DURATION", "OUTPUT", "COMMAND / END")]
+    for r in rows:
+        s = _session_summary(r)
+        table.append((s["sid"], s["login"], s["mode"], s["start"][:19].replace("T", " "),
+                      f"{s['duration']:.1f}s" if s["duration"] is not None else "running",
+                      f"{s['bytes_out']}B", s["command"] or s["end_reason"] or ""))
+    print(_columns(table))
+    return 0
+
+
+def _session_summary(r: dict) -> dict:
+    return {"sid": r["sid"], "login": r["login"], "mode": r["mode"], "command": r["command"],
+            "start": events.format_time(r["started"]),
+            "duration": round(r["ended"] - r["started"], 3) if r["ended"] else None,
+            "bytes_out": r["bytes_out"], "stored_bytes": r["stored_bytes"],
+            "exit_status": r["exit_status"], "end_reason": r["end_reason"],
+            "size": f"{r['cols']}x{r['rows']}"}
+
+
+def _open_spool(cfg):
+    from sshtrail.spool import Spool
+    if not os.path.exists(cfg["spool.path"]):
+        raise CliError(f"no spool at {cfg['spool.path']}: nothing recorded yet, or --config "
+                       "points at another host's settings")
+    return Spool.from_config(cfg)
+
+
+def export_asciicast(spool, sid: str, out) -> None:
+    """Write a recording from the spool as asciicast v2 to a binary file object."""
+    from sshtrail import asciicast
+    rec = spool.recording(sid)
+    if rec is None:
+        raise CliError(f"no recording {sid!r} in the spool; `sshtrail sessions` lists them")
+    env = {"TERM": rec["term"]} if rec["term"] else None
+    cols, rows = (rec["cols"], rec["rows"]) if rec["cols"] and rec["rows"] else (80, 24)
+    with asciicast.Writer(out, width=cols, height=rows, timestamp=int(rec["started"]), env=env,
+                          command=rec["command"] or None, title=f"{rec['login']} {sid}") as w:
+        for t, kind, data in spool.frames(sid):
+            w.write(t, kind.decode(), data if kind != b"r" else data.decode())
+
+
+def cmd_export(args, cfg) -> int:
+    spool = _open_spool(cfg)
+    try:
+        if args.output in (None, "-"):
+            export_asciicast(spool, args.sid, sys.stdout.buffer)
+            return 0
+        # Written beside the target and renamed: a failed export leaves no half file.
+        tmp = f"{args.output}.part-{os.getpid()}"
+        try:
+            with open(tmp, "wb") as f:
+                export_asciicast(spool, args.sid, f)
+            os.replace(tmp, args.output)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    finally:
+        spool.close()
+    return 0
 
 
 def cmd_agent(args, cfg) -> int:
@@ -164,7 +245,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--since", help="only newer than this: 10m, 2h, 3d or an RFC 3339 time")
     sp.add_argument("--limit", type=int, help="at most this many")
     sp.add_argument("--json", action="store_true", help="one JSON object a line")
-    add("agent", cmd_agent, "run the host daemon (sshd-log watcher) in the foreground")
+    sp = add("sessions", cmd_sessions, "list recorded sessions (a table, or JSON lines)")
+    sp.add_argument("--json", action="store_true", help="one JSON object a line")
+    sp = add("export", cmd_export, "write a session's recording in a standard format")
+    sp.add_argument("sid", help="the session id (see `sshtrail sessions`)")
+    sp.add_argument("--format", choices=["asciicast"], default="asciicast",
+                    help="asciicast v2: plays in any asciinema player (default)")
+    sp.add_argument("--output", "-o", metavar="FILE", help="write here instead of stdout")
+    add("agent", cmd_agent, "run the host daemon (log watcher, session recorder) in the foreground")
     sp = add("config", cmd_config, "check the config file, or print every key with its default")
     sp.add_argument("--defaults", action="store_true", help="print the documented default file")
     return p

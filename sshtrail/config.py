@@ -57,6 +57,25 @@ DEFAULTS: tuple[Key, ...] = (
     Key("sshd_log.poll_interval", 0.2, "Seconds between reads of sshd's log when it is idle."),
     Key("install.state_dir", "/var/lib/sshtrail/install",
         "Where `sshtrail install` keeps its record of what it changed."),
+    Key("agent.socket", "/run/sshtrail/agent.sock",
+        "The agent's unix socket, where session wrappers deliver recordings. The agent learns "
+        "who is calling from the kernel (SO_PEERCRED), never from what the caller says."),
+    Key("recording.mode", "best_effort",
+        "When the agent cannot take a recording: best_effort lets the session go on and says so "
+        "loudly (syslog, then a session.recording_failed event); strict refuses the session, or "
+        "ends it if the agent goes away.", ("best_effort", "strict")),
+    Key("recording.strict_users", [], "Logins always recorded in strict mode, whatever recording.mode says."),
+    Key("recording.strict_groups", [], "Members of these groups are always recorded in strict mode."),
+    Key("recording.input", False,
+        "Record what interactive users type. Off by default: input holds passwords typed at prompts."),
+    Key("recording.exec_output", False,
+        "Also record the output of non-interactive commands (scp, rsync, `ssh host cmd`)."),
+    Key("recording.batch_ms", 50,
+        "The wrapper hands recorded output to the agent at least this often (milliseconds)..."),
+    Key("recording.batch_bytes", 65536, "...or whenever this much is waiting."),
+    Key("recording.buffer_bytes", 64 << 20,
+        "What a wrapper holds for an agent that is slow or away; past it, output is dropped from "
+        "the recording (never from the terminal) and the loss is reported with its size."),
 )
 _BY_NAME = {k.name: k for k in DEFAULTS}
 
@@ -131,7 +150,7 @@ def parse(text: str, source: str = "<config>") -> Config:
         want = type(key.default)
         if want is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
-        if type(value) is not want:
+        if type(value) is not want or (want is list and not all(type(v) is str for v in value)):
             raise ConfigError(f"{where}: {name} must be {_tname(want)}, got {value!r}.")
         if key.choices and value not in key.choices:
             raise ConfigError(f"{where}: {name} must be one of {', '.join(key.choices)}, got {value!r}.")
@@ -142,7 +161,8 @@ def parse(text: str, source: str = "<config>") -> Config:
 
 
 def _tname(t: type) -> str:
-    return {str: "a string", int: "an integer", float: "a number", bool: "a boolean (true/false)"}[t]
+    return {str: "a string", int: "an integer", float: "a number", bool: "a boolean (true/false)",
+            list: "a list of strings"}[t]
 
 
 def resolve_path(explicit: str | os.PathLike | None, *, use_env: bool = True) -> tuple[str, bool]:
@@ -233,4 +253,6 @@ def _toml_value(v) -> str:
         return "true" if v else "false"
     if isinstance(v, str):
         return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     return repr(v)

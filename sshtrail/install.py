@@ -103,7 +103,8 @@ class Report:
 
 def install(*, pam_file: Path, sshd_config: Path, hook_argv: list[str], fail_closed: bool,
             state_dir: Path, sshd_binary: str = "/usr/sbin/sshd",
-            log: Callable[[str], object] = print) -> Report:
+            log: Callable[[str], object] = print,
+            force_command: list[str] | None = None) -> Report:
     """Insert (or update in place) sshtrail's PAM hooks and sshd_config settings.
 
     Running it again with the same arguments writes nothing. `log` gets progress lines and
@@ -140,7 +141,7 @@ def install(*, pam_file: Path, sshd_config: Path, hook_argv: list[str], fail_clo
         operator_cfg, _ = _apply_blocks(cfg.text, sshd_config, {}, _at_top)
         effective = _effective_settings(sshd, sshd_config, operator_cfg, cfg.text)
         _require_use_pam(effective, sshd_config)
-        wanted = wanted_sshd_lines(effective)
+        wanted = wanted_sshd_lines(effective, force_command)
         notes_from_match = _match_log_level_notes(operator_cfg, sshd_config)
         notes += notes_from_match
 
@@ -165,6 +166,7 @@ def install(*, pam_file: Path, sshd_config: Path, hook_argv: list[str], fail_clo
         state = {
             "installed": True,
             "hook_argv": list(hook_argv),
+            "force_command": list(force_command or []),
             "fail_closed": bool(fail_closed),
             "sshd_binary": sshd,
             "sshd_lines": [line for line, _ in wanted],
@@ -245,7 +247,8 @@ def uninstall(*, pam_file: Path, sshd_config: Path, state_dir: Path,
     return Report("uninstall", results, notes, state_file)
 
 
-def wanted_sshd_lines(effective: Mapping[str, str]) -> list[tuple[str, str]]:
+def wanted_sshd_lines(effective: Mapping[str, str],
+                      force_command: list[str] | None = None) -> list[tuple[str, str]]:
     """The sshd_config lines sshtrail needs, given sshd's effective settings (`sshd -T`).
 
     Returns (line, why) pairs, in the order they go at the top of sshd_config; an empty list
@@ -260,6 +263,19 @@ def wanted_sshd_lines(effective: Mapping[str, str]) -> list[tuple[str, str]]:
         lines.append((f"LogLevel {_NEEDED_LOG_LEVEL}",
                       f"effective LogLevel was {level}; sshd logs refused public keys only at "
                       f"{_NEEDED_LOG_LEVEL}"))
+    if force_command:
+        theirs = effective.get("forcecommand", "none")
+        if theirs not in ("", "none"):
+            # Ours would win (sshd keeps the first value) and silently disable theirs.
+            raise InstallError(f"sshd_config already has ForceCommand {theirs}: sshtrail's session "
+                               f"wrapper would replace it. Remove it, or run it from the "
+                               f"wrapper's side, then install again.")
+        for arg in force_command:
+            if not arg or any(c.isspace() or c in "\"'\\#" for c in arg):
+                raise InstallError(f"ForceCommand argument {arg!r} is empty or holds white space, "
+                                   f"quotes or '#': install sshtrail under a plain path")
+        lines.append(("ForceCommand " + " ".join(force_command),
+                      "every session goes through sshtrail's session wrapper (recording)"))
     return lines
 
 

@@ -25,10 +25,10 @@ def start_time(pid: int) -> int:
 
 
 def alive(pid: int) -> bool:
+    """Running (a zombie, dead but not yet reaped by its parent, is not)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except (FileNotFoundError, ProcessLookupError):
         return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
+    return stat[stat.rindex(b")") + 2:stat.rindex(b")") + 3] != b"Z"

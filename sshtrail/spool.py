@@ -16,12 +16,13 @@ import json
 import os
 import sqlite3
 import time
+import zlib
 from contextlib import contextmanager
 
 from . import events
 from .errors import SshtrailError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -46,6 +47,15 @@ CREATE INDEX IF NOT EXISTS pam_attempts_conn ON pam_attempts (conn);
 -- Connections granted a session; an attempt written after its grant is resolved by it.
 CREATE TABLE IF NOT EXISTS pam_granted (conn TEXT NOT NULL, time REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS pam_granted_conn ON pam_granted (conn);
+-- Session recordings: one row each, and their chunks (zlib-compressed wire frames).
+CREATE TABLE IF NOT EXISTS recordings (
+    sid TEXT PRIMARY KEY, login TEXT NOT NULL, mode TEXT NOT NULL, command TEXT NOT NULL,
+    term TEXT NOT NULL, cols INTEGER NOT NULL, rows INTEGER NOT NULL, started REAL NOT NULL,
+    ended REAL, end_reason TEXT, exit_status INTEGER, wrapper_pid INTEGER NOT NULL,
+    wrapper_start INTEGER NOT NULL, bytes_out INTEGER NOT NULL DEFAULT 0,
+    stored_bytes INTEGER NOT NULL DEFAULT 0, chunks INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS recording_chunks (
+    sid TEXT NOT NULL, seq INTEGER NOT NULL, data BLOB NOT NULL, PRIMARY KEY (sid, seq));
 -- Open PAM sessions, so close_session can tell the duration.
 CREATE TABLE IF NOT EXISTS pam_sessions (
     conn TEXT NOT NULL, pid INTEGER NOT NULL, sid TEXT NOT NULL, login TEXT NOT NULL,
@@ -228,6 +238,48 @@ class Spool:
     def transaction(self):
         with _txn(self._db, immediate=True):
             yield self._db
+
+    # -- recordings ------------------------------------------------------------------------
+
+    def start_recording(self, **row) -> None:
+        cols = ", ".join(row)
+        with _txn(self._db, immediate=True):
+            self._db.execute(f"INSERT OR IGNORE INTO recordings ({cols}) VALUES "
+                             f"({', '.join('?' * len(row))})", tuple(row.values()))
+
+    def put_chunk(self, sid: str, seq: int, frames_blob: bytes, out_bytes: int) -> bool:
+        """Store one batch of frames; a retried batch (same seq) is stored once. True if new."""
+        data = zlib.compress(frames_blob, 1)  # level 1: most of the gain, little CPU
+        with _txn(self._db, immediate=True):
+            new = self._db.execute("INSERT OR IGNORE INTO recording_chunks (sid, seq, data) "
+                                   "VALUES (?, ?, ?)", (sid, seq, data)).rowcount
+            if new:
+                self._db.execute("UPDATE recordings SET bytes_out = bytes_out + ?, stored_bytes = "
+                                 "stored_bytes + ?, chunks = chunks + 1 WHERE sid = ?",
+                                 (out_bytes, len(data), sid))
+        return bool(new)
+
+    def end_recording(self, sid: str, *evs: dict, **fields) -> None:
+        sets = ", ".join(f"{k} = ?" for k in fields)
+        self.append(*evs, extra_sql=lambda db: db.execute(
+            f"UPDATE recordings SET {sets} WHERE sid = ?", (*fields.values(), sid)))
+
+    def recording(self, sid: str) -> dict | None:
+        cur = self._db.execute("SELECT * FROM recordings WHERE sid = ?", (sid,))
+        row = cur.fetchone()
+        return dict(zip([c[0] for c in cur.description], row)) if row else None
+
+    def recordings(self) -> list[dict]:
+        cur = self._db.execute("SELECT * FROM recordings ORDER BY started")
+        names = [c[0] for c in cur.description]
+        return [dict(zip(names, row)) for row in cur.fetchall()]
+
+    def frames(self, sid: str):
+        """The recording's frames in order: (t, kind, data)."""
+        from .wire import unpack_frames
+        for (data,) in self._db.execute("SELECT data FROM recording_chunks WHERE sid = ? "
+                                        "ORDER BY seq", (sid,)):
+            yield from unpack_frames(zlib.decompress(data))
 
     # -- reading -----------------------------------------------------------------------------
 

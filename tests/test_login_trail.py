@@ -59,11 +59,12 @@ def test_key_login_granted(trail):
     user = trail.lab.add_user("alice")
     r = trail.lab.ssh(user, "echo hi")
     assert r.returncode == 0 and r.stdout == b"hi\n"
-    evs = trail.wait_for(lambda e: len(e) >= 3, user=user.login, what="login, start, end")
+    evs = trail.wait_for(lambda e: len(e) >= 4, user=user.login, what="login, start, exec, end")
     time.sleep(1.0)
     evs = trail.events(user=user.login)
-    assert [e["event"] for e in evs] == ["user.login", "session.start", "session.end"]
-    login, start, end = evs
+    assert [e["event"] for e in evs] == ["user.login", "session.start", "exec", "session.end"]
+    login, start, exec_, end = evs
+    assert exec_["command"] == "echo hi" and exec_["sid"] == start["sid"]
     assert login["success"] is True and login["method"] == "publickey"
     fp = subprocess.run(["ssh-keygen", "-lf", str(user.pubkey)], capture_output=True,
                         text=True).stdout.split()[1]
@@ -244,7 +245,7 @@ def test_events_cli_filters(trail):
     table = trail.cli("events", "--user", user.login, "--since", "10m").stdout
     lines = table.splitlines()
     assert lines[0].split()[:3] == ["TIME", "EVENT", "LOGIN"]
-    assert len(lines) == 4 and "granted publickey" in table
+    assert len(lines) == 5 and "granted publickey" in table and "exec" in table
     assert trail.cli("events", "--user", user.login, "--since", "bogus", check=False).returncode == 2
 
 
@@ -259,6 +260,7 @@ def test_install_twice_then_uninstall_restores_bytes(lab_factory):
     assert "changed" not in second.replace("unchanged", "")
     assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in before} == installed
     t.uninstall()
+    t.close()
     assert {p: p.read_bytes() for p in before} == before
     user = lab.add_user("after")
     assert lab.ssh(user, "echo ok").stdout == b"ok\n"  # sshd and PAM work as before

@@ -1,6 +1,7 @@
 """Test vectors for derived session ids."""
 import os
 import subprocess
+import time
 
 import pytest
 
@@ -33,3 +34,14 @@ def test_comm_with_parentheses_and_spaces(tmp_path):
     finally:
         p.kill()
         p.wait()
+
+
+def test_alive_sees_zombies_as_dead():
+    p = subprocess.Popen(["true"])
+    deadline = time.monotonic() + 5
+    while procfs.alive(p.pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not procfs.alive(p.pid)  # exited, not yet reaped
+    assert os.path.exists(f"/proc/{p.pid}")
+    p.wait()
+    assert not procfs.alive(p.pid) and procfs.alive(os.getpid())

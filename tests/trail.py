@@ -1,17 +1,21 @@
 """sshtrail installed into a lab sshd, the way an operator installs it: for tests, the demo and
 the benchmarks.
 
-`Trail(lab)` writes a private config (spool, state dir, sshd log: all inside the lab's workdir),
-runs the real `sshtrail install` CLI against the lab's PAM service and sshd_config, reloads the
-lab's sshd and starts the real `sshtrail agent`. It never touches the host's defaults.
+`Trail(lab)` writes a private config (spool, state dir, agent socket: in a directory of its own;
+sshd's log: the lab's), runs the real `sshtrail install` CLI against the lab's PAM service and
+sshd_config, reloads the lab's sshd and starts the real `sshtrail agent`. It never touches the
+host's defaults. Its directory is world-readable (the spool inside is root-only): the session
+wrapper runs as the test user and must read the config and reach the agent's socket.
 """
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,8 +27,8 @@ SSHTRAIL = [sys.executable, "-m", "sshtrail.cli"]
 class Trail:
     def __init__(self, lab: Lab, *, settings: str = ""):
         self.lab = lab
-        self.dir = lab.workdir / "sshtrail"
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir = Path(tempfile.mkdtemp(prefix=f"sshtrail-{lab.name}-"))
+        os.chmod(self.dir, 0o755)
         self.config = self.dir / "sshtrail.toml"
         self.spool_path = self.dir / "spool" / "spool.db"
         self.settings = settings
@@ -37,6 +41,7 @@ class Trail:
         extra = self.settings
         # Sections the caller gives are merged by appending keys under the same headers.
         base = {"spool": [f'path = "{self.spool_path}"'],
+                "agent": [f'socket = "{self.dir / "agent.sock"}"'],
                 "sshd_log": [f'path = "{self.lab.log_file}"', "poll_interval = 0.05"],
                 "pam": ["attempt_grace = 1.0"],
                 "install": [f'state_dir = "{self.dir / "state"}"']}
@@ -54,6 +59,7 @@ class Trail:
         text = "\n".join(top) + "\n" + "".join(
             f"\n[{s}]\n" + "\n".join(lines) + "\n" for s, lines in base.items())
         self.config.write_text(text)
+        os.chmod(self.config, 0o644)
 
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         r = subprocess.run(SSHTRAIL + [args[0], "--config", str(self.config), *args[1:]],
@@ -121,6 +127,7 @@ class Trail:
 
     def close(self) -> None:
         self.stop_agent()
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def env_without_sshtrail() -> dict:

@@ -1,0 +1,145 @@
+"""The PTY relay: one loop between the user's terminal (sshd's pty on fds 0/1) and a pty of our
+own that the session's program runs in, recording what passes.
+
+Signals arrive as bytes on a pipe (signal.set_wakeup_fd), not as handlers racing the loop:
+SIGWINCH resizes our pty and records an "r" frame; SIGCHLD ends the loop once the program is
+gone and its output drained. Writes to the terminal block, as they would without us (a slow
+client slows the program, nothing piles up); the agent never can: frames go to AgentClient,
+which batches them and sends only when its socket is writable.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import select
+import signal
+import struct
+import termios
+import tty
+
+CHUNK = 65536
+
+
+def get_winsize(fd: int) -> tuple[int, int]:
+    try:
+        rows, cols, _, _ = struct.unpack("HHHH", fcntl.ioctl(fd, termios.TIOCGWINSZ, b"\0" * 8))
+        return (cols or 80, rows or 24)
+    except OSError:
+        return (80, 24)
+
+
+def set_winsize(fd: int, cols: int, rows: int) -> None:
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            n = os.write(fd, view)
+        except InterruptedError:
+            continue
+        except BlockingIOError:
+            select.select([], [fd], [])
+            continue
+        view = view[n:]
+
+
+def relay(path: str, argv: list[str], env: dict, client, *, record_input: bool,
+          strict: bool = False) -> int:
+    """Run argv in a new pty, relay until it exits; returns its wait status. `strict`: end the
+    session if the agent goes away (recording is required)."""
+    cols, rows = get_winsize(0)
+    pid, master = os.forkpty()
+    if pid == 0:
+        try:
+            os.execve(path, argv, env)
+        finally:
+            os._exit(127)
+    set_winsize(master, cols, rows)
+
+    sig_r, sig_w = os.pipe()
+    for fd in (sig_r, sig_w):
+        os.set_blocking(fd, False)
+    old_wakeup = signal.set_wakeup_fd(sig_w)
+    old_handlers = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGWINCH, signal.SIGCHLD)}
+    saved_tty = None
+    try:
+        saved_tty = termios.tcgetattr(0)
+        tty.setraw(0)
+    except termios.error:
+        pass
+
+    status = None
+    stdin_open = True
+    hung_up = False
+    try:
+        while True:
+            rlist = [master, sig_r] + ([0] if stdin_open else [])
+            wlist = []
+            if client.sock is not None:
+                rlist.append(client.fileno())
+                if client.wants_write():
+                    wlist.append(client.fileno())
+            timeout = client.timeout()
+            if status is not None:  # only drain what the program left: do not wait for more
+                timeout = 0.05 if timeout is None else min(timeout, 0.05)
+            try:
+                r, w, _ = select.select(rlist, wlist, [], timeout)
+            except InterruptedError:
+                continue
+            if sig_r in r:
+                sigs = os.read(sig_r, 512)
+                if bytes([signal.SIGWINCH]) in sigs:
+                    cols, rows = get_winsize(0)
+                    set_winsize(master, cols, rows)
+                    client.add(b"r", f"{cols}x{rows}".encode())
+                if status is None and bytes([signal.SIGCHLD]) in sigs:
+                    done, st = os.waitpid(pid, os.WNOHANG)
+                    if done:
+                        status = st
+            if master in r:
+                try:
+                    data = os.read(master, CHUNK)
+                except OSError as e:
+                    if e.errno != errno.EIO:  # EIO: every holder of the pty's other side is gone
+                        raise
+                    data = b""
+                if not data:
+                    break
+                client.add(b"o", data)
+                _write_all(1, data)
+            elif status is not None:
+                break  # the program is gone and nothing more is waiting on its pty
+            if 0 in r:
+                data = os.read(0, CHUNK)
+                if not data:
+                    stdin_open = False  # the client sent EOF; the program sees it as ^D would
+                else:
+                    if record_input:
+                        client.add(b"i", data)
+                    _write_all(master, data)
+            if client.sock is not None:
+                if client.fileno() in w:
+                    client.pump_write()
+                if client.sock is not None and client.fileno() in r:
+                    client.pump_read()
+            client.tick()
+            if strict and client.lost_agent and client.sock is None and not hung_up:
+                hung_up = True
+                _write_all(1, b"\r\nsshtrail: the session recorder went away, and this account "
+                              b"may not work unrecorded: ending the session.\r\n")
+                os.killpg(pid, signal.SIGHUP)
+    finally:
+        if saved_tty is not None:
+            termios.tcsetattr(0, termios.TCSAFLUSH, saved_tty)
+        signal.set_wakeup_fd(old_wakeup)
+        for s, h in old_handlers.items():
+            signal.signal(s, h)
+        os.close(sig_r)
+        os.close(sig_w)
+        os.close(master)
+    if status is None:
+        _, status = os.waitpid(pid, 0)
+    return status

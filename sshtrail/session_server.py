@@ -1,0 +1,223 @@
+"""The agent's side of session recording: a unix socket where session wrappers deliver
+recordings, written to the spool.
+
+Wrappers run as the logged-in user, so everything a peer says is suspect. Who it is comes from
+the kernel (SO_PEERCRED: pid, uid); that it is a wrapper started by sshd is checked in /proc (its
+parent and grandparent are sshd: the user's session process and the root monitor, and only
+sshd's ForceCommand can make a process whose parent is sshd); the sid comes from that monitor
+(sshtrail.sessionid), the same one the PAM hook derived. A frame batch is acknowledged only
+once it is in the spool, so a wrapper re-sends whatever an agent that died never confirmed.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pwd
+import socket
+import socketserver
+import struct
+import threading
+import time
+
+from . import events, procfs, sessionid, wire
+from .spool import Spool
+
+log = logging.getLogger("sshtrail.agent.sessions")
+_SSHD_NAMES = ("sshd", "sshd-session")
+
+
+class PeerRefused(Exception):
+    pass
+
+
+def _ppid(pid: int) -> int:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        stat = f.read()
+    return int(stat[stat.rindex(b")") + 2:].split()[1])
+
+
+def _is_sshd(pid: int) -> bool:
+    try:
+        return os.path.basename(os.readlink(f"/proc/{pid}/exe")) in _SSHD_NAMES
+    except OSError:
+        return False
+
+
+def sshd_monitor_of(pid: int) -> int:
+    """The root sshd process serving the connection a wrapper belongs to."""
+    try:
+        parent = _ppid(pid)
+        monitor = _ppid(parent)
+    except (OSError, ValueError):
+        raise PeerRefused(f"process {pid} vanished") from None
+    if not (_is_sshd(parent) and _is_sshd(monitor)):
+        raise PeerRefused(f"process {pid} was not started by sshd (parent {parent}, {monitor})")
+    return monitor
+
+
+class _Handler(socketserver.BaseRequestHandler):
+    server: "SessionServer"
+
+    def handle(self) -> None:
+        sock: socket.socket = self.request
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        pid, uid, _ = struct.unpack("3i", creds)
+        session = None
+        reader = wire.Reader()
+        try:
+            while True:
+                data = sock.recv(1 << 20)
+                if not data:
+                    break
+                for header, payload in reader.feed(data):
+                    reply, session = self.server.handle_message(session, pid, uid, header, payload)
+                    if reply:
+                        sock.sendall(wire.pack(reply))
+                    if header["type"] == "end":
+                        return
+        except (PeerRefused, wire.ProtocolError) as e:
+            log.warning("session wrapper pid %d uid %d refused: %s", pid, uid, e)
+            try:
+                sock.sendall(wire.pack({"type": "refused", "reason": str(e)}))
+            except OSError:
+                pass
+        except OSError:
+            pass
+        finally:
+            if session and not session.get("ended") and not self.server.stopping.is_set():
+                self.server.lost(session)
+
+
+class SessionServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    daemon_threads = True
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.stopping = threading.Event()
+        self._local = threading.local()
+        path = cfg["agent.socket"]
+        os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
+        if os.path.exists(path):
+            os.unlink(path)
+        super().__init__(path, _Handler)
+        # Any user may connect: what they may do is decided from their kernel credentials.
+        os.chmod(path, 0o666)
+
+    @property
+    def spool(self) -> Spool:
+        # sqlite connections belong to one thread each.
+        if not hasattr(self._local, "spool"):
+            self._local.spool = Spool.from_config(self.cfg)
+        return self._local.spool
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.shutdown()
+        self.server_close()
+        try:
+            os.unlink(self.cfg["agent.socket"])
+        except OSError:
+            pass
+
+    # -- messages ----------------------------------------------------------------------------
+
+    def handle_message(self, session, pid, uid, header, payload):
+        kind = header["type"]
+        if kind == "hello":
+            return self._hello(pid, uid, header)
+        if session is None:
+            raise wire.ProtocolError(f"{kind} before hello")
+        if kind == "frames":
+            seq = header.get("seq")
+            if not isinstance(seq, int) or seq < 1:
+                raise wire.ProtocolError("frames without a valid seq")
+            frames = wire.unpack_frames(payload)  # reject garbage before storing it
+            out = sum(len(d) for _, k, d in frames if k == b"o")
+            self.spool.put_chunk(session["sid"], seq, payload, out)
+            return {"type": "ack", "seq": seq}, session
+        if kind == "end":
+            self._end(session, header)
+            session["ended"] = True
+            return {"type": "ack", "seq": "end"}, session
+        raise wire.ProtocolError(f"unknown message type {kind!r}")
+
+    def _hello(self, pid, uid, header):
+        monitor = sshd_monitor_of(pid)
+        started = procfs.start_time(pid)
+        login = pwd.getpwuid(uid).pw_name
+        resume = header.get("resume")
+        if resume:
+            row = self.spool.recording(resume)
+            if not row or row["wrapper_pid"] != pid or row["wrapper_start"] != started:
+                raise PeerRefused(f"resume of {resume!r} by a process that did not start it")
+            sid = resume
+        else:
+            spool = self.spool
+            sid = sessionid.derive(spool.server_id, procfs.boot_id(), monitor,
+                                   procfs.start_time(monitor))
+            if spool.recording(sid):  # a second channel of the same connection (multiplexing)
+                sid = events.new_uid()
+            mode = "interactive" if header.get("mode") == "interactive" else "exec"
+            spool.start_recording(
+                sid=sid, login=login, mode=mode, command=str(header.get("command", ""))[:4096],
+                term=str(header.get("term", ""))[:64], cols=_int(header.get("cols"), 80),
+                rows=_int(header.get("rows"), 24), started=time.time(), wrapper_pid=pid,
+                wrapper_start=started)
+            if header.get("late"):
+                spool.append(events.new("session.recording_failed", sid=sid, login=login,
+                                        reason=f"the agent was unreachable when the session "
+                                               f"started: {header['late']}"[:1000]))
+        session = {"sid": sid, "login": login, "pid": pid}
+        log.info("recording %s for %s (wrapper pid %d)", sid, login, pid)
+        return {"type": "welcome", "sid": sid}, session
+
+    def _end(self, session, header):
+        sid, login = session["sid"], session["login"]
+        row = self.spool.recording(sid)
+        now = time.time()
+        status = header.get("exit_status")
+        status = status if isinstance(status, int) and not isinstance(status, bool) else None
+        evs = []
+        common = {"sid": sid, "login": login}
+        duration = round(now - row["started"], 6)
+        if row["mode"] == "exec":
+            evs.append(events.new("exec", command=row["command"], exit_status=status,
+                                  bytes_in=_int(header.get("bytes_in"), 0),
+                                  bytes_out=_int(header.get("bytes_out"), 0),
+                                  duration=duration, **common))
+        if row["chunks"] or row["mode"] == "interactive":
+            evs.append(events.new("session.recording", size=row["bytes_out"],
+                                  stored=row["stored_bytes"], duration=duration,
+                                  exit_status=status, **common))
+        dropped = _int(header.get("dropped_bytes"), 0)
+        if dropped:
+            evs.append(events.new("session.recording_failed", reason=(
+                f"{dropped} bytes of output were not recorded: the agent was slow or away and "
+                "the wrapper's buffer was full"), dropped_bytes=dropped, **common))
+        self.spool.end_recording(sid, *evs, ended=now, exit_status=status,
+                                 end_reason=str(header.get("reason", "exited"))[:200])
+
+    def lost(self, session) -> None:
+        """The wrapper went away without an end: killed, or crashed."""
+        sid = session["sid"]
+        reason = "the session wrapper went away without reporting an end (killed or crashed)"
+        alive = procfs.alive(session["pid"])
+        if alive:
+            reason = "the session wrapper closed its connection to the agent without an end"
+        row = self.spool.recording(sid)
+        ev = events.new("session.recording", sid=sid, login=session["login"],
+                        size=row["bytes_out"], stored=row["stored_bytes"],
+                        duration=round(time.time() - row["started"], 6), end_reason=reason)
+        self.spool.end_recording(sid, ev, ended=time.time(), end_reason=reason)
+        log.warning("recording %s: %s", sid, reason)
+
+
+def _int(value, default: int) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else default
+
+
+def serve(cfg) -> SessionServer:
+    """Start the server on a thread of its own; stop() it when done."""
+    server = SessionServer(cfg)
+    threading.Thread(target=server.serve_forever, name="sessions", daemon=True).start()
+    return server

@@ -1,0 +1,292 @@
+"""Session recording end to end: the ForceCommand wrapper in a real sshd, the real OpenSSH client
+(under a pseudo-terminal for interactive sessions), the agent, and the exports."""
+import hashlib
+import io
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+
+import ptyprocess
+import pytest
+
+from sshtrail import asciicast
+from syslog_sink import SyslogSink
+from trail import Trail
+from ttyrun import run_on_a_tty
+
+pytestmark = pytest.mark.integration
+PROMPT = b"READY$ "
+
+
+@pytest.fixture
+def trail(lab_factory):
+    t = Trail(lab_factory())
+    t.install()
+    t.start_agent()
+    yield t
+    t.close()
+
+
+@pytest.fixture
+def syslog_sink():
+    sink = SyslogSink()
+    yield sink
+    sink.close()
+
+
+class Terminal:
+    """A real `ssh -tt` client on a pseudo-terminal of ours, as a person at a terminal."""
+
+    def __init__(self, lab, user, command=None, cols=80, rows=24):
+        argv, env = lab.ssh_argv(user, command, tty=True)
+        env = dict(env, PS1=PROMPT.decode(), TERM="xterm")
+        self.p = ptyprocess.PtyProcess.spawn(argv, env=env, dimensions=(rows, cols))
+        self.seen = b""
+
+    def expect(self, pattern: bytes, timeout=15.0) -> bytes:
+        deadline = time.monotonic() + timeout
+        while not re.search(pattern, self.seen):
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{pattern!r} not seen; got {self.seen[-500:]!r}")
+            try:
+                self.seen += self.p.read(65536)
+            except EOFError:
+                raise AssertionError(f"{pattern!r} not seen before EOF; got {self.seen[-500:]!r}")
+        return self.seen
+
+    def send(self, text: str) -> None:
+        self.p.write(text.encode())
+
+    def wait(self, timeout=15.0) -> int:
+        deadline = time.monotonic() + timeout
+        while self.p.isalive():
+            try:
+                self.seen += self.p.read(65536)
+            except EOFError:
+                pass
+            if time.monotonic() > deadline:
+                self.p.kill(signal.SIGKILL)
+                raise AssertionError("ssh did not exit")
+        return self.p.exitstatus
+
+
+def shell_user(lab):
+    # A prompt we can wait for, whatever the distribution's bashrc does.
+    user = lab.add_user("rec")
+    (user.home / ".bashrc").write_text(f"PS1='{PROMPT.decode()}'\n")
+    return user
+
+
+def recording_of(trail, user, timeout=15.0):
+    evs = trail.wait_for(lambda e: any(x["event"] == "session.recording" for x in e),
+                         user=user.login, timeout=timeout, what="session.recording")
+    (rec,) = [e for e in evs if e["event"] == "session.recording"]
+    out = trail.dir / f"{rec['sid']}.cast"
+    trail.cli("export", rec["sid"], "--output", str(out))
+    with open(out, "rb") as f:
+        header, frames = asciicast.read(f)
+        frames = list(frames)
+    return rec, header, frames, out
+
+
+def test_interactive_session_recorded_resized_and_exit_status(trail):
+    user = shell_user(trail.lab)
+    term = Terminal(trail.lab, user, cols=80, rows=24)
+    term.expect(re.escape(PROMPT))
+    term.send("echo first-$((20+1))\r")
+    term.expect(rb"first-21")
+    term.p.setwinsize(30, 100)
+    time.sleep(0.3)
+    term.send("stty size; echo second-$((40+2))\r")
+    term.expect(rb"second-42")
+    assert b"30 100" in term.seen  # the program in our pty saw the new size
+    term.send("exit 3\r")
+    assert term.wait() == 3
+
+    rec, header, frames, path = recording_of(trail, user)
+    assert header["width"] == 80 and header["height"] == 24
+    times = [t for t, _, _ in frames]
+    assert times == sorted(times)
+    out = "".join(d for _, c, d in frames if c == "o")
+    assert out.index("first-21") < out.index("30 100") < out.index("second-42")
+    assert ("r", "100x30") in [(c, d) for _, c, d in frames]
+    assert [c for _, c, _ in frames].count("i") == 0  # input is not recorded by default
+    assert rec["exit_status"] == 3
+    # The recording belongs to the same session as the login.
+    starts = trail.events(type="session.start", user=user.login)
+    assert [s["sid"] for s in starts] == [rec["sid"]]
+    # Debian's asciinema, an independent reader, plays it back to the same output.
+    r = run_on_a_tty(["asciinema", "cat", str(path)], cwd=trail.dir)
+    assert r.returncode == 0 and b"second-42" in r.stdout
+
+
+def test_output_bytes_kept_exactly(trail):
+    user = shell_user(trail.lab)
+    blob = bytes(range(256)) * 4
+    (user.home / "blob").write_bytes(blob)
+    term = Terminal(trail.lab, user, command="cat ~/blob; exit 0")
+    assert term.wait() == 0
+    sid = recording_of(trail, user)[0]["sid"]
+    from sshtrail.spool import Spool
+    from sshtrail import config
+    spool = Spool.from_config(config.load(trail.config))
+    raw = b"".join(d for _, k, d in spool.frames(sid) if k == b"o")
+    spool.close()
+    # The pty turns \n into \r\n (onlcr): that is what the terminal showed; nothing else changed.
+    assert raw == blob.replace(b"\n", b"\r\n")
+
+
+def test_exec_exit_status_stdin_eof_and_stderr(trail):
+    lab = trail.lab
+    user = lab.add_user("ex")
+    assert lab.ssh(user, "exit 7").returncode == 7
+    r = lab.ssh(user, "cat; echo done; echo err >&2", input=b"from-stdin")
+    assert r.returncode == 0 and r.stdout == b"from-stdindone\n" and r.stderr == b"err\n"
+    evs = trail.wait_for(lambda e: len(e) >= 2, type="exec", user=user.login, what="2 exec events")
+    assert [(e["command"], e["exit_status"]) for e in evs] == [
+        ("exit 7", 7), ("cat; echo done; echo err >&2", 0)]
+    assert evs[1]["bytes_in"] == len(b"from-stdin") and evs[1]["bytes_out"] == len(b"from-stdindone\n") + 4
+
+
+@pytest.fixture(scope="module")
+def big_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("big") / "random.bin"
+    path.write_bytes(os.urandom(20 << 20))
+    return path
+
+
+def ssh_config(lab, user, tmp_path):
+    """An ssh_config for scp, sftp and rsync, with the same options the lab's ssh uses."""
+    argv, _ = lab.ssh_argv(user, None)
+    opts = [argv[i + 1] for i, a in enumerate(argv) if a == "-o"]
+    cfg = tmp_path / "ssh_config"
+    cfg.write_text("Host lab\n  HostName 127.0.0.1\n" + f"  Port {lab.port}\n  User {user.login}\n"
+                   + f"  IdentityFile {user.key}\n" + "".join(f"  {o.replace('=', ' ', 1)}\n" for o in opts))
+    return cfg
+
+
+def sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("tool", ["scp -O", "scp", "sftp", "rsync"])
+def test_file_transfers_byte_identical(trail, big_file, tmp_path, tool):
+    lab = trail.lab
+    user = lab.add_user("xfer")
+    cfg = ssh_config(lab, user, tmp_path)
+    back = tmp_path / "back.bin"
+    remote = f"{user.home}/copy.bin"
+    if tool.startswith("scp"):
+        opts = tool.split()[1:]
+        up = ["scp", *opts, "-F", str(cfg), str(big_file), f"lab:{remote}"]
+        down = ["scp", *opts, "-F", str(cfg), f"lab:{remote}", str(back)]
+        cmds = [up, down]
+    elif tool == "sftp":
+        batch = tmp_path / "batch"
+        batch.write_text(f"put {big_file} {remote}\nget {remote} {back}\n")
+        cmds = [["sftp", "-F", str(cfg), "-b", str(batch), "lab"]]
+    else:
+        e = f"ssh -F {cfg}"
+        cmds = [["rsync", "-e", e, str(big_file), f"lab:{remote}"],
+                ["rsync", "-e", e, f"lab:{remote}", str(back)]]
+    for cmd in cmds:
+        r = subprocess.run(cmd, capture_output=True, timeout=120, stdin=subprocess.DEVNULL)
+        assert r.returncode == 0, r.stderr
+    assert sha(back) == sha(big_file)
+    assert sha(user.home / "copy.bin") == sha(big_file)
+    evs = trail.wait_for(lambda e: len(e) >= len(cmds), type="exec", user=user.login,
+                         what="exec events")
+    assert len(evs) == len(cmds) and all(e["exit_status"] == 0 for e in evs)
+    if tool == "sftp":
+        assert evs[0]["command"] == "/usr/lib/openssh/sftp-server"
+    assert max(e["bytes_in"] + e["bytes_out"] for e in evs) >= 20 << 20
+
+
+def test_wrapper_cannot_be_traced_and_killing_it_ends_the_session(trail):
+    user = shell_user(trail.lab)
+    # $PPID of a command the shell execs in place is the wrapper.
+    probe = ("python3 -c \"import ctypes, os; l = ctypes.CDLL(None, use_errno=True); "
+             "r = l.ptrace(16, os.getppid(), 0, 0); print('ptrace', r, ctypes.get_errno())\"")
+    r = trail.lab.ssh(user, probe)
+    assert r.stdout.strip() == b"ptrace -1 1"  # EPERM
+    r = trail.lab.ssh(user, "cat /proc/$PPID/environ")
+    assert r.returncode != 0 and b"Permission denied" in r.stderr
+
+    term = Terminal(trail.lab, user)
+    term.expect(re.escape(PROMPT))
+    term.send("echo before-kill; kill -9 $PPID\r")
+    term.wait()
+    evs = trail.wait_for(lambda e: any(x["event"] == "session.recording" for x in e),
+                         user=user.login, what="session.recording")
+    (rec,) = [e for e in evs if e["event"] == "session.recording" and "end_reason" in e]
+    assert "went away" in rec["end_reason"]
+
+
+def test_agent_down_best_effort_lets_in_and_says_so(trail, syslog_sink):
+    user = trail.lab.add_user("be")
+    trail.stop_agent()
+    r = trail.lab.ssh(user, "echo in")
+    assert r.returncode == 0 and r.stdout == b"in\n"
+    syslog_sink.wait_for("NOT RECORDED")
+
+
+def test_agent_down_strict_refuses(trail, syslog_sink):
+    trail.write_config("[recording]\nmode = \"strict\"\n")
+    user = trail.lab.add_user("st")
+    trail.stop_agent()
+    r = trail.lab.ssh(user, "echo in")
+    assert r.returncode == 1 and r.stdout == b""
+    assert b"must be recorded" in r.stderr
+    syslog_sink.wait_for("refused session")
+
+
+def test_agent_restart_mid_session_loses_nothing(trail):
+    user = shell_user(trail.lab)
+    term = Terminal(trail.lab, user)
+    term.expect(re.escape(PROMPT))
+    term.send("echo phase-$((1*11))\r")
+    term.expect(rb"phase-11")
+    time.sleep(0.5)
+    trail.stop_agent()
+    term.send("echo phase-$((2*11))\r")  # recorded while the agent is away
+    term.expect(rb"phase-22")
+    trail.start_agent()
+    time.sleep(1.5)  # the wrapper retries every second
+    term.send("echo phase-$((3*11)); exit\r")
+    assert term.wait() == 0
+    _, _, frames, _ = recording_of(trail, user)
+    out = "".join(d for _, c, d in frames if c == "o")
+    assert out.index("phase-11") < out.index("phase-22") < out.index("phase-33")
+
+
+def test_twenty_concurrent_sessions_recorded_completely(trail):
+    user = trail.lab.add_user("many")
+    results = {}
+
+    def one(i):
+        argv, env = trail.lab.ssh_argv(user, f"seq {i} 3000; exit 0", tty=True)
+        results[i] = subprocess.run(argv, env=env, capture_output=True, timeout=120,
+                                    stdin=subprocess.DEVNULL)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert all(r.returncode == 0 for r in results.values())
+    evs = trail.wait_for(lambda e: len(e) >= 20, type="session.recording", user=user.login,
+                         what="20 recordings", timeout=30)
+    from sshtrail import config
+    from sshtrail.spool import Spool
+    spool = Spool.from_config(config.load(trail.config))
+    try:
+        for ev in evs:
+            rec = spool.recording(ev["sid"])
+            out = b"".join(d for _, k, d in spool.frames(ev["sid"]) if k == b"o")
+            first = int(rec["command"].split()[1])
+            assert out == "".join(f"{n}\r\n" for n in range(first, 3001)).encode()
+    finally:
+        spool.close()
