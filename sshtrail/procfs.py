@@ -1,7 +1,6 @@
 """Facts about processes from /proc and the kernel: start times, the boot, liveness."""
 from __future__ import annotations
 
-import os
 
 
 class ProcessGone(OSError):

@@ -1,7 +1,6 @@
 """Session recording end to end: the ForceCommand wrapper in a real sshd, the real OpenSSH client
 (under a pseudo-terminal for interactive sessions), the agent, and the exports."""
 import hashlib
-import io
 import os
 import re
 import signal
