@@ -194,8 +194,11 @@ class SessionServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             evs.append(events.new("session.recording_failed", reason=(
                 f"{dropped} bytes of output were not recorded: the agent was slow or away and "
                 "the wrapper's buffer was full"), dropped_bytes=dropped, **common))
+        fields = {}
+        if row["mode"] == "exec" and not row["chunks"]:
+            fields["bytes_out"] = _int(header.get("bytes_out"), 0)  # passed through, not recorded
         self.spool.end_recording(sid, *evs, ended=now, exit_status=status,
-                                 end_reason=str(header.get("reason", "exited"))[:200])
+                                 end_reason=str(header.get("reason", "exited"))[:200], **fields)
 
     def lost(self, session) -> None:
         """The wrapper went away without an end: killed, or crashed."""

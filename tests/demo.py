@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """`make demo`: a lab sshd on 127.0.0.1 with sshtrail installed, a few real logins through the
-real OpenSSH client, and the events they left, shown back. Everything it creates (sshd, PAM
+real OpenSSH client and a recorded interactive session, and what they left, shown back. Everything it creates (sshd, PAM
 service file, users) is removed at the end; the host's own sshd is never touched."""
+import re
 import sys
 import tempfile
 import time
@@ -10,6 +11,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from lab import Lab  # noqa: E402
+from terminal import PROMPT, Terminal, shell_user  # noqa: E402
 from trail import Trail  # noqa: E402
 
 
@@ -42,12 +44,29 @@ def main() -> int:
                 # Refusals come from sshd's log, followed by the agent; give it a moment.
                 trail.wait_for(lambda evs: sum(not e["success"] for e in evs) >= 4,
                                type="user.login", what="four refusals")
+                say("bob opens an interactive session (ssh -tt on a terminal) and types a few commands")
+                bob = shell_user(lab, "bob")
+                term = Terminal(lab, bob, cols=100, rows=30)
+                term.expect(re.escape(PROMPT))
+                for line in ("uname -s", "echo \"recorded at $(date -u +%H:%M:%S)\"", "ls / | head -3"):
+                    term.send(line + "\r")
+                    time.sleep(0.3)
+                term.send("exit\r")
+                print(f"  bob's session ended with exit status {term.wait()}")
+                trail.wait_for(lambda evs: any(e["event"] == "session.recording" for e in evs),
+                               user=bob.login, what="bob's recording")
                 time.sleep(1)
                 say("sshtrail events")
                 print(trail.cli("events").stdout.rstrip())
+                say("sshtrail sessions")
+                print(trail.cli("sessions").stdout.rstrip())
+                sid = [e for e in trail.events(type="session.recording", user=bob.login)][0]["sid"]
+                say(f"sshtrail export {sid} --format asciicast  (first lines; plays in asciinema)")
+                cast = trail.cli("export", sid).stdout.splitlines()
+                print("\n".join(cast[:12]) + (f"\n  ... {len(cast) - 12} more lines" if len(cast) > 12 else ""))
             finally:
-                trail.close()
                 trail.uninstall()
+                trail.close()
     say("done: lab sshd stopped, users and PAM service removed")
     return 0
 

@@ -3,21 +3,19 @@
 import hashlib
 import os
 import re
-import signal
 import subprocess
 import threading
 import time
 
-import ptyprocess
 import pytest
 
 from sshtrail import asciicast
 from syslog_sink import SyslogSink
 from trail import Trail
+from terminal import PROMPT, Terminal, shell_user
 from ttyrun import run_on_a_tty
 
 pytestmark = pytest.mark.integration
-PROMPT = b"READY$ "
 
 
 @pytest.fixture
@@ -34,49 +32,6 @@ def syslog_sink():
     sink = SyslogSink()
     yield sink
     sink.close()
-
-
-class Terminal:
-    """A real `ssh -tt` client on a pseudo-terminal of ours, as a person at a terminal."""
-
-    def __init__(self, lab, user, command=None, cols=80, rows=24):
-        argv, env = lab.ssh_argv(user, command, tty=True)
-        env = dict(env, PS1=PROMPT.decode(), TERM="xterm")
-        self.p = ptyprocess.PtyProcess.spawn(argv, env=env, dimensions=(rows, cols))
-        self.seen = b""
-
-    def expect(self, pattern: bytes, timeout=15.0) -> bytes:
-        deadline = time.monotonic() + timeout
-        while not re.search(pattern, self.seen):
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{pattern!r} not seen; got {self.seen[-500:]!r}")
-            try:
-                self.seen += self.p.read(65536)
-            except EOFError:
-                raise AssertionError(f"{pattern!r} not seen before EOF; got {self.seen[-500:]!r}")
-        return self.seen
-
-    def send(self, text: str) -> None:
-        self.p.write(text.encode())
-
-    def wait(self, timeout=15.0) -> int:
-        deadline = time.monotonic() + timeout
-        while self.p.isalive():
-            try:
-                self.seen += self.p.read(65536)
-            except EOFError:
-                pass
-            if time.monotonic() > deadline:
-                self.p.kill(signal.SIGKILL)
-                raise AssertionError("ssh did not exit")
-        return self.p.exitstatus
-
-
-def shell_user(lab):
-    # A prompt we can wait for, whatever the distribution's bashrc does.
-    user = lab.add_user("rec")
-    (user.home / ".bashrc").write_text(f"PS1='{PROMPT.decode()}'\n")
-    return user
 
 
 def recording_of(trail, user, timeout=15.0):
