@@ -244,3 +244,24 @@ def test_twenty_concurrent_sessions_recorded_completely(trail):
             assert out == "".join(f"{n}\r\n" for n in range(first, 3001)).encode()
     finally:
         spool.close()
+
+
+def test_agent_lost_mid_session_strict_ends_it(trail):
+    trail.write_config('[recording]\nmode = "strict"\n')
+    user = shell_user(trail.lab)
+    term = Terminal(trail.lab, user)
+    term.expect(re.escape(PROMPT))
+    trail.stop_agent()
+    term.send("echo still-here\r")
+    term.wait(timeout=20)
+    assert b"may not work unrecorded: ending the session" in term.seen
+
+
+def test_a_process_inside_the_session_cannot_pose_as_a_wrapper(trail):
+    user = trail.lab.add_user("fake")
+    fake = ("python3 -c \"import socket, json, struct; s = socket.socket(socket.AF_UNIX); "
+            f"s.connect('{trail.dir / 'agent.sock'}'); "
+            "h = json.dumps({'type': 'hello', 'mode': 'interactive', 'command': 'x'}).encode() + b'\\\\n'; "
+            "s.sendall(struct.pack('>I', len(h)) + h); print(s.recv(4096)[4:].decode())\"")
+    r = trail.lab.ssh(user, fake)
+    assert b'"type":"refused"' in r.stdout and b"not started by sshd" in r.stdout
