@@ -114,7 +114,7 @@ def cmd_install(args, cfg) -> int:
         hook_argv=hook.command(sys.executable, args.config, fail_closed=cfg["pam.fail_closed"]),
         fail_closed=cfg["pam.fail_closed"], state_dir=Path(cfg["install.state_dir"]),
         sshd_binary=args.sshd_binary, log=_note,
-        force_command=shell.command(sys.executable, args.config))
+        force_command=None if args.no_wrapper else shell.command(sys.executable, args.config))
     print(report)
     return 0
 
@@ -239,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--sshd-config", default="/etc/ssh/sshd_config", metavar="PATH")
         sp.add_argument("--sshd-binary", default="/usr/sbin/sshd", metavar="PATH",
                         help="the sshd used to check the config (sshd -t)")
+        if name == "install":
+            sp.add_argument("--no-wrapper", action="store_true",
+                            help="the login trail only: no ForceCommand, no session recording")
     sp = add("events", cmd_events, "print spooled events (a table, or JSON lines)")
     sp.add_argument("--type", help="only this event type, e.g. user.login")
     sp.add_argument("--user", help="only this login")

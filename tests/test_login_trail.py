@@ -264,3 +264,18 @@ def test_install_twice_then_uninstall_restores_bytes(lab_factory):
     assert {p: p.read_bytes() for p in before} == before
     user = lab.add_user("after")
     assert lab.ssh(user, "echo ok").stdout == b"ok\n"  # sshd and PAM work as before
+
+
+def test_install_without_wrapper_then_with_it(lab_factory):
+    lab = lab_factory()
+    t = Trail(lab)
+    try:
+        t.install(wrapper=False)
+        assert "ForceCommand" not in lab.sshd_config.read_text()
+        t.install()
+        assert lab.sshd_config.read_text().count("ForceCommand") == 1
+        t.install(wrapper=False)  # taken out again, in place
+        assert "ForceCommand" not in lab.sshd_config.read_text()
+    finally:
+        t.uninstall()
+        t.close()

@@ -68,9 +68,10 @@ class Trail:
             raise AssertionError(f"sshtrail {' '.join(args)} failed ({r.returncode}):\n{r.stderr}")
         return r
 
-    def install(self) -> subprocess.CompletedProcess:
+    def install(self, *, wrapper: bool = True) -> subprocess.CompletedProcess:
         r = self.cli("install", "--pam-service", self.lab.pam_service,
-                     "--sshd-config", str(self.lab.sshd_config))
+                     "--sshd-config", str(self.lab.sshd_config),
+                     *([] if wrapper else ["--no-wrapper"]))
         self.lab.reload()
         return r
 
