@@ -20,7 +20,7 @@ import threading
 import time
 
 from . import events, procfs, sessionid, wire
-from .spool import Spool
+from .spool import Spool, SpoolError
 
 log = logging.getLogger("sshtrail.agent.sessions")
 _SSHD_NAMES = ("sshd", "sshd-session")
@@ -81,6 +81,11 @@ class _Handler(socketserver.BaseRequestHandler):
                 sock.sendall(wire.pack({"type": "refused", "reason": str(e)}))
             except OSError:
                 pass
+        except SpoolError as e:
+            # Not the wrapper's fault: drop the connection; it keeps what we never acknowledged
+            # and delivers it again when it reconnects.
+            log.error("recording %s: %s; the wrapper will re-send", session and session["sid"], e)
+            session = None
         except OSError:
             pass
         finally:
