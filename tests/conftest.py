@@ -100,3 +100,31 @@ def lab_factory(tmp_path: Path):
 def lab(lab_factory) -> Lab:
     """A started lab: private sshd on 127.0.0.1:lab.port, PAM service lab.pam_service."""
     return lab_factory()
+
+
+@pytest.fixture
+def syslog_sink():
+    """/dev/log bound by the test (no syslog daemon runs here); see syslog_sink.py."""
+    from syslog_sink import SyslogSink
+    sink = SyslogSink()
+    yield sink
+    sink.close()
+
+
+@pytest.fixture
+def trail_factory(lab_factory):
+    """make(**lab_kwargs) -> Trail: a started lab with sshtrail installed and its agent running;
+    closed after the test."""
+    from trail import Trail
+    trails = []
+
+    def make(**lab_kwargs):
+        t = Trail(lab_factory(**lab_kwargs))
+        trails.append(t)
+        t.install()
+        t.start_agent()
+        return t
+
+    yield make
+    for t in trails:
+        t.close()

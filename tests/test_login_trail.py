@@ -9,43 +9,24 @@ import time
 
 import pytest
 
-from syslog_sink import SyslogSink
 from trail import Trail
 
 pytestmark = pytest.mark.integration
 
 
-def installed(lab):
-    t = Trail(lab)
-    t.install()
-    t.start_agent()
-    return t
-
-
 @pytest.fixture
-def trail(lab_factory):
+def trail(trail_factory):
     # AllowUsers with a pattern: every lab user (st-*) may log in, root may not.
-    t = installed(lab_factory(extra_sshd_config="AllowUsers st-*\n"))
-    yield t
-    t.close()
+    return trail_factory(extra_sshd_config="AllowUsers st-*\n")
 
 
 @pytest.fixture
-def pam_trail(lab_factory):
+def pam_trail(trail_factory):
     # For python-pam: its conversation callback dies with authenticate(), so a session module
     # that talks (pam_motd, pam_mail in Debian's sshd file) would crash it. The stacks that
     # decide auth and account are the same common-* files sshd uses.
-    t = installed(lab_factory(pam_text="@include common-auth\n@include common-account\n"
-                                       "@include common-session\n"))
-    yield t
-    t.close()
-
-
-@pytest.fixture
-def syslog_sink():
-    sink = SyslogSink()
-    yield sink
-    sink.close()
+    return trail_factory(pam_text="@include common-auth\n@include common-account\n"
+                                  "@include common-session\n")
 
 
 def only_failure(trail, login):

@@ -16,17 +16,9 @@ import pytest
 from pam_module import hook
 from sshtrail import config
 from sshtrail.spool import Spool
-from syslog_sink import SyslogSink
 
 KEY = "AAAAC3NzaC1lZDI1NTE5AAAAIBWY77vFY7wvig/UJUmQmmM/Fn+xEcLiccBiVRTg4XSS"
 KEY_FP = "SHA256:4jBZ99usNnhJr7HuUrzcURnWCbMKeWkF6PN14WaYptY"  # as sshd logged it for this key
-
-
-@pytest.fixture
-def syslog_sink():
-    sink = SyslogSink()
-    yield sink
-    sink.close()
 
 
 @pytest.fixture

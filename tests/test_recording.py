@@ -10,8 +10,6 @@ import time
 import pytest
 
 from sshtrail import asciicast
-from syslog_sink import SyslogSink
-from trail import Trail
 from terminal import PROMPT, Terminal, shell_user
 from ttyrun import run_on_a_tty
 
@@ -19,19 +17,8 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def trail(lab_factory):
-    t = Trail(lab_factory())
-    t.install()
-    t.start_agent()
-    yield t
-    t.close()
-
-
-@pytest.fixture
-def syslog_sink():
-    sink = SyslogSink()
-    yield sink
-    sink.close()
+def trail(trail_factory):
+    return trail_factory()
 
 
 def recording_of(trail, user, timeout=15.0):
