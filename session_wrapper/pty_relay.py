@@ -3,9 +3,11 @@ own that the session's program runs in, recording what passes.
 
 Signals arrive as bytes on a pipe (signal.set_wakeup_fd), not as handlers racing the loop:
 SIGWINCH resizes our pty and records an "r" frame; SIGCHLD ends the loop once the program is
-gone and its output drained. Writes to the terminal block, as they would without us (a slow
-client slows the program, nothing piles up); the agent never can: frames go to AgentClient,
-which batches them and sends only when its socket is writable.
+gone and its output drained. Output passes through a buffer of at most OUT_CAP bytes, with both
+sides non-blocking: we keep reading the program while sshd drains the terminal (pipelined, not
+lockstep), and stop reading when the buffer is full (a slow client slows the program, nothing
+piles up). The agent never holds anything up: frames go to AgentClient, which batches them and
+sends only when its socket is writable.
 """
 from __future__ import annotations
 
@@ -19,6 +21,9 @@ import termios
 import tty
 
 CHUNK = 65536
+# One pass takes what the pty has (a pty hands out ~4 KiB per read) into one frame: a frame per
+# 4 KiB cost the relay half its CPU.
+OUT_CAP = 256 * 1024
 
 
 def get_winsize(fd: int) -> tuple[int, int]:
@@ -46,6 +51,25 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[n:]
 
 
+def _drain(fd: int, room: int) -> tuple[bytes, bool]:
+    """What the pty has now (up to `room`), and whether its other side is gone."""
+    parts, size = [], 0
+    while size < room:
+        try:
+            data = os.read(fd, CHUNK)
+        except BlockingIOError:
+            break
+        except OSError as e:
+            if e.errno != errno.EIO:  # EIO: every holder of the pty's other side is gone
+                raise
+            return b"".join(parts), True
+        if not data:
+            return b"".join(parts), True
+        parts.append(data)
+        size += len(data)
+    return b"".join(parts), False
+
+
 def relay(path: str, argv: list[str], env: dict, client, *, record_input: bool,
           strict: bool = False) -> int:
     """Run argv in a new pty, relay until it exits; returns its wait status. `strict`: end the
@@ -58,6 +82,7 @@ def relay(path: str, argv: list[str], env: dict, client, *, record_input: bool,
         finally:
             os._exit(127)
     set_winsize(master, cols, rows)
+    os.set_blocking(master, False)
 
     sig_r, sig_w = os.pipe()
     for fd in (sig_r, sig_w):
@@ -73,11 +98,15 @@ def relay(path: str, argv: list[str], env: dict, client, *, record_input: bool,
 
     status = None
     stdin_open = True
+    master_open = True
     hung_up = False
+    out = bytearray()
+    os.set_blocking(1, False)  # fd 0 shares it (sshd's pty): select says when each may go
     try:
         while True:
-            rlist = [master, sig_r] + ([0] if stdin_open else [])
-            wlist = []
+            reading_master = master_open and len(out) < OUT_CAP
+            rlist = [sig_r] + ([master] if reading_master else []) + ([0] if stdin_open else [])
+            wlist = [1] if out else []
             if client.sock is not None:
                 rlist.append(client.fileno())
                 if client.wants_write():
@@ -100,26 +129,32 @@ def relay(path: str, argv: list[str], env: dict, client, *, record_input: bool,
                     if done:
                         status = st
             if master in r:
+                data, closed = _drain(master, OUT_CAP - len(out))
+                if data:
+                    client.add(b"o", data)
+                    out += data
+                if closed:
+                    master_open = False
+            elif status is not None and reading_master:
+                master_open = False  # the program is gone and nothing more waits on its pty
+            if 1 in w:
                 try:
-                    data = os.read(master, CHUNK)
-                except OSError as e:
-                    if e.errno != errno.EIO:  # EIO: every holder of the pty's other side is gone
-                        raise
-                    data = b""
-                if not data:
-                    break
-                client.add(b"o", data)
-                _write_all(1, data)
-            elif status is not None:
-                break  # the program is gone and nothing more is waiting on its pty
+                    del out[:os.write(1, out)]
+                except BlockingIOError:
+                    pass
+            if not master_open and not out:
+                break
             if 0 in r:
-                data = os.read(0, CHUNK)
-                if not data:
+                try:
+                    data = os.read(0, CHUNK)
+                except BlockingIOError:
+                    data = None
+                if data == b"":
                     stdin_open = False  # the client sent EOF; the program sees it as ^D would
-                else:
+                elif data:
                     if record_input:
                         client.add(b"i", data)
-                    _write_all(master, data)
+                    _write_all(master, data)  # non-blocking pty: waits for room, loses nothing
             if client.sock is not None:
                 if client.fileno() in w:
                     client.pump_write()
@@ -128,10 +163,18 @@ def relay(path: str, argv: list[str], env: dict, client, *, record_input: bool,
             client.tick()
             if strict and client.lost_agent and client.sock is None and not hung_up:
                 hung_up = True
-                _write_all(1, b"\r\nsshtrail: the session recorder went away, and this account "
-                              b"may not work unrecorded: ending the session.\r\n")
+                out += (b"\r\nsshtrail: the session recorder went away, and this account "
+                        b"may not work unrecorded: ending the session.\r\n")
                 os.killpg(pid, signal.SIGHUP)
     finally:
+        os.set_blocking(1, True)
+        if out:
+            _write_all(1, bytes(out))
+        try:
+            # sshd may drop what is still in its pty once we are gone: let it read everything.
+            termios.tcdrain(1)
+        except termios.error:
+            pass
         if saved_tty is not None:
             termios.tcsetattr(0, termios.TCSAFLUSH, saved_tty)
         signal.set_wakeup_fd(old_wakeup)

@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     from sshtrail import config
     config_path = argv[argv.index("--config") + 1] if "--config" in argv else None
     try:
-        cfg = config.load(config_path, use_env=False)
+        cfg = config.load_cached(config_path)
     except config.ConfigError as e:
         # Without config we cannot know the policy: refuse rather than run unrecorded.
         print(f"sshtrail: session refused, the recorder's config is broken: {e}", file=sys.stderr)

@@ -191,9 +191,11 @@ def load(explicit: str | os.PathLike | None = None, *, use_env: bool = True) -> 
 
 
 def load_cached(explicit: str | None) -> Config:
-    """load() for the PAM hook (no environment), skipping the TOML parser while the file is
-    unchanged: importing tomllib costs ~7 ms of every PAM call. The cache is trusted only in a
-    root-only directory, and is keyed by the file's inode, size and mtime."""
+    """load() for the PAM hook and the session wrapper (no environment), skipping the TOML
+    parser while the file is unchanged: importing tomllib costs ~7 ms of every PAM call and
+    session start. Keyed by the file's inode, size and mtime. Only root writes the cache (the
+    hook, which runs before every session); everyone may read it, as they may read the config
+    itself; it is trusted only if root owns it and nobody else can write it."""
     path, _ = resolve_path(explicit, use_env=False)
     try:
         st = os.stat(path)
@@ -202,33 +204,40 @@ def load_cached(explicit: str | None) -> Config:
     from .sha import sha256
     stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
     cache = os.path.join(CACHE_DIR, sha256(os.path.abspath(path).encode()).hexdigest()[:32])
-    if _cache_dir_is_private():
+    if _trusted(CACHE_DIR):
         try:
             with open(cache, "rb") as f:
+                if not _trusted(f.fileno()):
+                    raise ValueError(cache)
                 saved_stamp, values = marshal.load(f)
             if tuple(saved_stamp) == stamp and set(values) == set(_BY_NAME):
                 return Config(values, path)
         except (OSError, EOFError, ValueError, TypeError):
             pass
     cfg = load(path, use_env=False)
-    try:
-        os.makedirs(CACHE_DIR, mode=0o700, exist_ok=True)
-        if _cache_dir_is_private():
-            tmp = f"{cache}.{os.getpid()}"
-            with open(tmp, "wb") as f:
-                marshal.dump((stamp, cfg._values), f)
-            os.replace(tmp, cache)
-    except OSError:
-        pass  # a cache we cannot write only costs time
+    if os.geteuid() == 0:
+        try:
+            os.makedirs(CACHE_DIR, mode=0o755, exist_ok=True)
+            if _trusted(CACHE_DIR):
+                tmp = f"{cache}.{os.getpid()}"
+                old = os.umask(0o022)
+                try:
+                    with open(tmp, "wb") as f:
+                        marshal.dump((stamp, cfg._values), f)
+                finally:
+                    os.umask(old)
+                os.replace(tmp, cache)
+        except OSError:
+            pass  # a cache we cannot write only costs time
     return cfg
 
 
-def _cache_dir_is_private() -> bool:
+def _trusted(path_or_fd) -> bool:
     try:
-        st = os.stat(CACHE_DIR)
+        st = os.stat(path_or_fd)
     except OSError:
         return False
-    return st.st_uid == os.geteuid() and not st.st_mode & 0o077
+    return st.st_uid == 0 and not st.st_mode & 0o022
 
 
 def render_defaults() -> str:

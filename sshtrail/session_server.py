@@ -112,7 +112,9 @@ class SessionServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     def spool(self) -> Spool:
         # sqlite connections belong to one thread each.
         if not hasattr(self._local, "spool"):
-            self._local.spool = Spool.from_config(self.cfg)
+            # NORMAL: a batch survives the agent being killed (what the wrapper's re-send
+            # covers) without an fsync per 64 KiB of someone's terminal output.
+            self._local.spool = Spool.from_config(self.cfg, synchronous="NORMAL")
         return self._local.spool
 
     def stop(self) -> None:

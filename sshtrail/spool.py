@@ -2,7 +2,9 @@
 
 Many short-lived writers at once (one PAM hook per login, the agent) and one reader that claims
 batches and acknowledges them (the uploader). A committed append survives the writer being
-killed (WAL + synchronous=FULL). Past `max_bytes`, delivered events are pruned first; if the
+killed (WAL; synchronous=FULL, so it survives a power cut too; the agent's recording writer
+uses NORMAL, which survives a killed process, the case a wrapper re-sends for, at a fraction
+of the fsyncs). Past `max_bytes`, delivered events are pruned first; if the
 spool is still full, `on_full` decides what goes, and what went is counted and reported as a
 `spool.dropped` event as soon as there is room: the spool never drops anything silently.
 
@@ -16,13 +18,12 @@ import json
 import os
 import sqlite3
 import time
-import zlib
 from contextlib import contextmanager
 
 from . import events
 from .errors import SshtrailError
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -47,7 +48,7 @@ CREATE INDEX IF NOT EXISTS pam_attempts_conn ON pam_attempts (conn);
 -- Connections granted a session; an attempt written after its grant is resolved by it.
 CREATE TABLE IF NOT EXISTS pam_granted (conn TEXT NOT NULL, time REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS pam_granted_conn ON pam_granted (conn);
--- Session recordings: one row each, and their chunks (zlib-compressed wire frames).
+-- Session recordings: one row each, and their chunks (wire frames as the wrapper sent them).
 CREATE TABLE IF NOT EXISTS recordings (
     sid TEXT PRIMARY KEY, login TEXT NOT NULL, mode TEXT NOT NULL, command TEXT NOT NULL,
     term TEXT NOT NULL, cols INTEGER NOT NULL, rows INTEGER NOT NULL, started REAL NOT NULL,
@@ -81,21 +82,22 @@ class Batch:
 
 class Spool:
     def __init__(self, path: str | os.PathLike, *, server_id: str = "", server_hostname: str = "",
-                 max_bytes: int = 1 << 30, on_full: str = "drop_new", busy_timeout: float = 2.0):
+                 max_bytes: int = 1 << 30, on_full: str = "drop_new", busy_timeout: float = 2.0,
+                 synchronous: str = "FULL"):
         self.path = os.fspath(path)
         self.server_id = server_id
         self.server_hostname = server_hostname
         self.max_bytes = max_bytes
         self.on_full = on_full
-        self._db = self._open(busy_timeout)
+        self._db = self._open(busy_timeout, synchronous)
 
     @classmethod
-    def from_config(cls, cfg) -> "Spool":
+    def from_config(cls, cfg, **kw) -> "Spool":
         return cls(cfg["spool.path"], server_id=cfg.server_id, server_hostname=cfg.server_hostname,
                    max_bytes=cfg["spool.max_bytes"], on_full=cfg["spool.on_full"],
-                   busy_timeout=cfg["spool.busy_timeout"])
+                   busy_timeout=cfg["spool.busy_timeout"], **kw)
 
-    def _open(self, busy_timeout: float) -> sqlite3.Connection:
+    def _open(self, busy_timeout: float, synchronous: str) -> sqlite3.Connection:
         try:
             os.makedirs(os.path.dirname(self.path) or ".", mode=0o700, exist_ok=True)
             old = os.umask(0o077)  # the file and its -wal/-shm are created root-only
@@ -104,7 +106,7 @@ class Spool:
                 db.execute("PRAGMA journal_mode=WAL")
             finally:
                 os.umask(old)
-            db.execute("PRAGMA synchronous=FULL")
+            db.execute(f"PRAGMA synchronous={'NORMAL' if synchronous == 'NORMAL' else 'FULL'}")
             if db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
                 # IF NOT EXISTS: two first writers may both get here; the second is a no-op.
                 db.executescript("BEGIN IMMEDIATE;" + SCHEMA
@@ -248,8 +250,10 @@ class Spool:
                              f"({', '.join('?' * len(row))})", tuple(row.values()))
 
     def put_chunk(self, sid: str, seq: int, frames_blob: bytes, out_bytes: int) -> bool:
-        """Store one batch of frames; a retried batch (same seq) is stored once. True if new."""
-        data = zlib.compress(frames_blob, 1)  # level 1: most of the gain, little CPU
+        """Store one batch of frames; a retried batch (same seq) is stored once. True if new.
+        Stored uncompressed: zlib, even at level 1, cost the agent ~22 ms of CPU per MB of
+        output here, more than the whole plain session; the collector compresses."""
+        data = frames_blob
         with _txn(self._db, immediate=True):
             new = self._db.execute("INSERT OR IGNORE INTO recording_chunks (sid, seq, data) "
                                    "VALUES (?, ?, ?)", (sid, seq, data)).rowcount
@@ -279,7 +283,7 @@ class Spool:
         from .wire import unpack_frames
         for (data,) in self._db.execute("SELECT data FROM recording_chunks WHERE sid = ? "
                                         "ORDER BY seq", (sid,)):
-            yield from unpack_frames(zlib.decompress(data))
+            yield from unpack_frames(data)
 
     # -- reading -----------------------------------------------------------------------------
 

@@ -2,7 +2,7 @@
 
 A message is a 4-byte big-endian length N, then N bytes: a JSON object (UTF-8), a newline, and
 a binary payload (possibly empty). Recorded terminal data travels as payload in the frame
-encoding below, which the spool also keeps (zlib-compressed) as recording chunks.
+encoding below, which the spool also keeps, as sent, as recording chunks.
 
 A frame: 8-byte big-endian float (seconds since the session started), 1 byte kind (b"o"
 output, b"i" input, b"r" resize with ASCII "COLSxROWS"), 4-byte big-endian length, the bytes.

@@ -42,6 +42,11 @@ class Terminal:
             if time.monotonic() > deadline:
                 self.p.kill(signal.SIGKILL)
                 raise AssertionError("ssh did not exit")
+        while True:  # what ssh printed just before it exited is still in our pty
+            try:
+                self.seen += self.p.read(65536)
+            except EOFError:
+                break
         return self.p.exitstatus
 
 

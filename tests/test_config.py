@@ -81,6 +81,9 @@ def test_cached_load_follows_edits_and_ignores_foreign_cache(tmp_path, monkeypat
     p.write_text("[spool]\npath = 7\n")
     with pytest.raises(config.ConfigError, match="spool.path must be a string"):
         config.load_cached(p)  # a bad edit is an error, not the old cached values
+    # Readable by all (the session wrapper runs as the user), written by root only.
+    (entry,) = (tmp_path / "cache").iterdir()
+    assert entry.stat().st_mode & 0o777 == 0o644
     # A cache directory others can write to is not trusted (nor written).
     p.write_text('[spool]\npath = "/tmp/three.db"\n')
     os.chmod(tmp_path / "cache", 0o777)
