@@ -230,10 +230,17 @@ def test_events_cli_filters(trail):
     assert trail.cli("events", "--user", user.login, "--since", "bogus", check=False).returncode == 2
 
 
-def test_install_twice_then_uninstall_restores_bytes(lab_factory):
-    lab = lab_factory()
+@pytest.fixture
+def bare_trail(lab_factory):
+    """A lab and a Trail config for it, nothing installed yet."""
+    t = Trail(lab_factory())
+    yield t
+    t.close()
+
+
+def test_install_twice_then_uninstall_restores_bytes(bare_trail):
+    t, lab = bare_trail, bare_trail.lab
     before = {p: p.read_bytes() for p in (lab.pam_file, lab.sshd_config)}
-    t = Trail(lab)
     first = t.install().stdout
     assert "changed" in first and lab.pam_file.read_bytes() != before[lab.pam_file]
     installed = {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in before}
@@ -241,22 +248,16 @@ def test_install_twice_then_uninstall_restores_bytes(lab_factory):
     assert "changed" not in second.replace("unchanged", "")
     assert {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in before} == installed
     t.uninstall()
-    t.close()
     assert {p: p.read_bytes() for p in before} == before
     user = lab.add_user("after")
     assert lab.ssh(user, "echo ok").stdout == b"ok\n"  # sshd and PAM work as before
 
 
-def test_install_without_wrapper_then_with_it(lab_factory):
-    lab = lab_factory()
-    t = Trail(lab)
-    try:
-        t.install(wrapper=False)
-        assert "ForceCommand" not in lab.sshd_config.read_text()
-        t.install()
-        assert lab.sshd_config.read_text().count("ForceCommand") == 1
-        t.install(wrapper=False)  # taken out again, in place
-        assert "ForceCommand" not in lab.sshd_config.read_text()
-    finally:
-        t.uninstall()
-        t.close()
+def test_install_without_wrapper_then_with_it(bare_trail):
+    t, lab = bare_trail, bare_trail.lab
+    t.install(wrapper=False)
+    assert "ForceCommand" not in lab.sshd_config.read_text()
+    t.install()
+    assert lab.sshd_config.read_text().count("ForceCommand") == 1
+    t.install(wrapper=False)  # taken out again, in place
+    assert "ForceCommand" not in lab.sshd_config.read_text()
