@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     import pwd
 
     from session_wrapper import agent_client
-    from sshtrail import config
+    from sshtrail import config, unsafe_env
     config_path = argv[argv.index("--config") + 1] if "--config" in argv else None
     try:
         cfg = config.load_cached(config_path)
@@ -92,6 +92,9 @@ def main(argv: list[str] | None = None) -> None:
         # Without config we cannot know the policy: refuse rather than run unrecorded.
         print(f"sshtrail: session refused, the recorder's config is broken: {e}", file=sys.stderr)
         sys.exit(1)
+    for name in unsafe_env.NAMES:
+        if os.environ.get(name) == "":  # blanked by sshd for us (SetEnv): not the user's
+            del os.environ[name]
     pw = pwd.getpwuid(os.getuid())
     shell = pw.pw_shell or "/bin/sh"
     original = os.environ.pop("SSH_ORIGINAL_COMMAND", None)

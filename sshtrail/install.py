@@ -37,6 +37,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
+from . import unsafe_env
 from .errors import SshtrailError
 
 __all__ = ["install", "uninstall", "wanted_sshd_lines", "InstallError", "Report", "FileResult"]
@@ -276,6 +277,17 @@ def wanted_sshd_lines(effective: Mapping[str, str],
                                    f"quotes or '#': install sshtrail under a plain path")
         lines.append(("ForceCommand " + " ".join(force_command),
                       "every session goes through sshtrail's session wrapper (recording)"))
+        if effective.get("permituserrc", "yes") != "no":
+            lines.append(("PermitUserRC no", "~/.ssh/rc would run the user's code outside the "
+                                              "recorded session, before the wrapper"))
+        if effective.get("setenv", "none") not in ("", "none"):
+            # Ours would come first and sshd keeps the first SetEnv: theirs would be lost.
+            raise InstallError("sshd_config has SetEnv of its own; sshtrail needs its own SetEnv "
+                               "(blanking LD_PRELOAD and friends for the session wrapper). Move "
+                               "those variables elsewhere, then install again.")
+        lines.append(("SetEnv " + " ".join(f"{n}=" for n in unsafe_env.NAMES),
+                      "blank what would run the user's code inside the session wrapper "
+                      "(LD_PRELOAD and friends from ~/.pam_environment)"))
     return lines
 
 

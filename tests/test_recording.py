@@ -252,3 +252,22 @@ def test_a_process_inside_the_session_cannot_pose_as_a_wrapper(trail):
             "s.sendall(struct.pack('>I', len(h)) + h); print(s.recv(4096)[4:].decode())\"")
     r = trail.lab.ssh(user, fake)
     assert b'"type":"refused"' in r.stdout and b"not started by sshd" in r.stdout
+
+
+def test_user_environment_and_rc_cannot_run_code_around_the_wrapper(trail):
+    # pam_env's user_readenv (on in Debian's sshd PAM service) lets a user put LD_PRELOAD into
+    # the environment sshd starts the ForceCommand in; ~/.ssh/rc runs before the command.
+    lab = trail.lab
+    user = shell_user(lab)
+    marker = user.home / "escaped"
+    src = user.home / "evil.c"
+    src.write_text('#include <stdlib.h>\n__attribute__((constructor)) static void f(void) '
+                   f'{{ system("touch {marker}"); }}\n')
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(user.home / "evil.so"), str(src)], check=True)
+    (user.home / ".pam_environment").write_text(f"LD_PRELOAD DEFAULT={user.home}/evil.so\n")
+    (user.home / ".ssh" / "rc").write_text(f"touch {marker}-rc\n")
+    r = lab.ssh(user, "echo in; env | grep -c '^LD_PRELOAD=' || true")
+    assert r.stdout == b"in\n0\n"  # and no LD_PRELOAD at all in the user's program
+    assert not marker.exists() and not (user.home / "escaped-rc").exists()
+    (ev,) = trail.wait_for(lambda e: len(e) >= 1, type="exec", user=user.login, what="exec")
+    assert ev["command"].startswith("echo in")
