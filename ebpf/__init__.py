@@ -1,1 +1,2 @@
-"""BCC tracepoint probes for per-session host events (issue 4). Not built yet."""
+"""BCC tracepoint probes for per-session host events: execs, file opens, connects (tracer.py,
+probes.c, decode.py). Used by the agent only (sshtrail.host_events)."""

@@ -1,8 +1,9 @@
 """`sshtrail agent`: the root daemon on each host.
 
 It hosts the sshd-log watcher (refusals into `user.login` failures, and the reaping of PAM
-attempts nothing else explained) and the session socket where wrappers deliver recordings
-(sshtrail.session_server). Later issues add the eBPF tracer and the uploader here. Logs go to stderr (journald picks them up); it stops
+attempts nothing else explained), the session socket where wrappers deliver recordings
+(sshtrail.session_server), and the eBPF tracer that follows each recorded session's processes
+(sshtrail.host_events). A later issue adds the uploader here. Logs go to stderr (journald picks them up); it stops
 cleanly on SIGTERM/SIGINT after writing what it has read.
 
 The log position is saved in the spool in the same transaction as the events it produced, so a
@@ -19,7 +20,7 @@ import threading
 import time
 
 from pam_module import attempts, sshd_log
-from sshtrail import events, session_server
+from sshtrail import events, host_events, session_server
 from sshtrail.spool import Spool
 
 log = logging.getLogger("sshtrail.agent")
@@ -107,7 +108,12 @@ def run(cfg, stop: threading.Event | None = None) -> int:
         message = (f"sshd log {cfg['sshd_log.path']} does not exist (yet): refused keys and "
                    "users never reach PAM and are not recorded until it does; set sshd_log.path")
         log.warning(message)
-    sessions = session_server.serve(cfg)
+    hosts = host_events.HostEvents(cfg)
+    sessions = session_server.serve(cfg, on_session=hosts.track)
+    # agent.start says we are up with all we have: BCC takes seconds to compile the probes.
+    # (Sessions starting meanwhile are recorded, and followed once the tracer is loaded.)
+    hosts.ready.wait(60)
+    message += "; host events " + ("on" if hosts.loaded else f"off ({hosts.reason})")
     spool.append(events.new("agent.start", message=message))
     log.info("agent started; spool %s; sshd log %s; sessions on %s", cfg["spool.path"],
              cfg["sshd_log.path"], cfg["agent.socket"])
@@ -122,6 +128,7 @@ def run(cfg, stop: threading.Event | None = None) -> int:
         watcher.step(final=True)  # what was already in the log, and what the tracker held
     finally:
         sessions.stop()
+        hosts.stop()
         spool.append(events.new("agent.stop"))
         spool.close()
         log.info("agent stopped")

@@ -61,10 +61,19 @@ def _detail(ev: dict) -> str:
         return f"REFUSED {ev.get('error')}" + (f" ({ev['method']})" if ev.get("method") else "")
     if kind == "session.end" and "duration" in ev:
         return f"after {ev['duration']:.1f}s"
+    if kind == "session.command":
+        return "run " + " ".join(ev["argv"])[:100] + (f" (failed {ev['return_code']})" if ev["return_code"] < 0 else "")
+    if kind == "session.disk":
+        return f"open {ev['path']}" + (f" (failed {ev['return_code']})" if ev["return_code"] < 0 else "")
+    if kind == "session.network":
+        host = f"[{ev['dst_addr']}]" if ev["version"] == 6 else ev["dst_addr"]
+        return f"connect {host}:{ev['dst_port']}" + (f" (failed {ev['return_code']})" if ev["return_code"] < 0 else "")
     if kind == "exec":
         return f"`{ev['command']}` exit {ev.get('exit_status')}"
     if kind == "session.recording":
         return f"recorded {ev.get('size', 0)}B" + (f"; {ev['end_reason']}" if ev.get("end_reason") else "")
+    if kind == "agent.ebpf_unavailable":
+        return ev["reason"]
     if kind == "session.recording_failed":
         return ev["reason"]
     if kind == "spool.dropped":

@@ -76,6 +76,17 @@ DEFAULTS: tuple[Key, ...] = (
     Key("recording.buffer_bytes", 64 << 20,
         "What a wrapper holds for an agent that is slow or away; past it, output is dropped from "
         "the recording (never from the terminal) and the loss is reported with its size."),
+    Key("ebpf.enabled", True,
+        "Capture each recorded session's execs, file opens and connects with BPF (BCC). Where "
+        "BPF cannot run, the agent says why (agent.ebpf_unavailable) and goes on without."),
+    Key("ebpf.kinds", ["exec", "open", "connect"], "Which host events to capture."),
+    Key("ebpf.ignore_prefixes", ["/etc/ld.so.cache", "/proc/self/", "/proc/thread-self/",
+                                 "/usr/lib/locale/", "/usr/share/locale/",
+                                 "/usr/lib/x86_64-linux-gnu/gconv/", "/sys/devices/system/cpu/"],
+        "Read-only opens under these paths are not reported (what every program reads); opens "
+        "for writing always are. Keep anything under /etc (but the loader's cache) and /home "
+        "out of it."),
+    Key("ebpf.max_args", 128, "Arguments kept per exec; more are cut and the event says so."),
 )
 _BY_NAME = {k.name: k for k in DEFAULTS}
 

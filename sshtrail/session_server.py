@@ -96,8 +96,9 @@ class _Handler(socketserver.BaseRequestHandler):
 class SessionServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, on_session=None):
         self.cfg = cfg
+        self.on_session = on_session
         self.stopping = threading.Event()
         self._local = threading.local()
         path = cfg["agent.socket"]
@@ -176,6 +177,8 @@ class SessionServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
                                                f"started: {header['late']}"[:1000]))
         session = {"sid": sid, "login": login, "pid": pid}
         log.info("recording %s for %s (wrapper pid %d)", sid, login, pid)
+        if self.on_session and not resume:
+            self.on_session(pid, sid, login)
         return {"type": "welcome", "sid": sid}, session
 
     def _end(self, session, header):
@@ -226,8 +229,9 @@ def _int(value, default: int) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else default
 
 
-def serve(cfg) -> SessionServer:
-    """Start the server on a thread of its own; stop() it when done."""
-    server = SessionServer(cfg)
+def serve(cfg, on_session=None) -> SessionServer:
+    """Start the server on a thread of its own; stop() it when done. `on_session(pid, sid,
+    login)` is told of every new session's wrapper (the host-event tracer follows it)."""
+    server = SessionServer(cfg, on_session)
     threading.Thread(target=server.serve_forever, name="sessions", daemon=True).start()
     return server

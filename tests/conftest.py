@@ -118,8 +118,8 @@ def trail_factory(lab_factory):
     from trail import Trail
     trails = []
 
-    def make(**lab_kwargs):
-        t = Trail(lab_factory(**lab_kwargs))
+    def make(settings: str = "", **lab_kwargs):
+        t = Trail(lab_factory(**lab_kwargs), settings=settings)
         trails.append(t)
         t.install()
         t.start_agent()

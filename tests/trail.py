@@ -44,6 +44,8 @@ class Trail:
                 "agent": [f'socket = "{self.dir / "agent.sock"}"'],
                 "sshd_log": [f'path = "{self.lab.log_file}"', "poll_interval = 0.05"],
                 "pam": ["attempt_grace = 1.0"],
+                # Off unless a test is about it: BCC takes seconds to load the probes.
+                "ebpf": ["enabled = false"],
                 "install": [f'state_dir = "{self.dir / "state"}"']}
         top = ['server_id = "lab-host"']
         section = None
@@ -81,9 +83,17 @@ class Trail:
         self.lab.reload()
         return r
 
-    def start_agent(self) -> None:
-        self.agent = subprocess.Popen(SSHTRAIL + ["agent", "--config", str(self.config)],
-                                      stdout=subprocess.DEVNULL, stderr=open(self.dir / "agent.log", "ab"))
+    def start_agent(self, *, without_bcc: bool = False) -> None:
+        """Start `sshtrail agent`. without_bcc: as on a host without python3-bpfcc (no system
+        site-packages: only the virtualenv's packages and this checkout)."""
+        argv, env = SSHTRAIL + ["agent", "--config", str(self.config)], None
+        if without_bcc:
+            import site
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+                [str(project_root())] + [p for p in site.getsitepackages() if "dist-packages" not in p]))
+            argv = [sys.executable, "-S"] + argv[1:]
+        self.agent = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL,
+                                      stderr=open(self.dir / "agent.log", "ab"))
         self.wait_for(lambda evs: any(e["event"] == "agent.start" for e in evs), what="agent.start")
 
     def stop_agent(self) -> None:

@@ -1,0 +1,492 @@
+// sshtrail's BPF programs: what the processes of tracked sessions exec, open and connect to.
+//
+// Loaded by ebpf/tracer.py through BCC, which compiles this file at load time with the
+// -D settings listed under "Settings" below. Every program is a TRACEPOINT_PROBE: this fleet's
+// kernels have no kprobes and refuse fentry, but sched and syscall tracepoints work.
+//
+// Rules this file keeps, each forced by the kernels we run on:
+//  - Never read a kernel struct through an offset from C headers. BCC compiles against Debian's
+//    headers, which do not match the running kernel, so task_struct & co. would be read at the
+//    wrong offsets (bcc's own exitsnoop loads here and reports nothing for that reason). We use
+//    only tracepoint fields (described by tracefs, right whatever the headers), helpers, and
+//    struct pt_regs, whose layout is user-visible ABI.
+//  - Filter first. Every probe starts with one hash lookup on the current process (tgid) or on
+//    the thread's pending syscall, and returns at once when the process belongs to no tracked
+//    session: the cost for processes outside any session must stay near zero.
+//  - Never drop silently. Whenever an event cannot be delivered (ring buffer full, a map full)
+//    the session's counter in `lost` goes up; user space reports it as `ebpf.lost`.
+
+#include <uapi/linux/ptrace.h>
+#include <linux/sched.h>
+#include <linux/socket.h>
+
+// ---- Settings (tracer.py passes them as -D; the defaults here only keep the file readable) --
+#ifndef MAX_ARGS
+#define MAX_ARGS 128        // argv entries read per exec
+#endif
+#ifndef MAX_ARG_LEN
+#define MAX_ARG_LEN 512     // bytes per argv entry, NUL included
+#endif
+#ifndef ARGS_BUF
+#define ARGS_BUF 16384      // bytes for an exec's filename and argv entries together, a power of
+#endif                      // two, at most 16384 (the event must fit a per-CPU slot, <= 32 KB)
+#ifndef MAX_PATH
+#define MAX_PATH 1024       // bytes of an exec filename or an open path, NUL included
+#endif
+#ifndef RINGBUF_PAGES
+#define RINGBUF_PAGES 512   // ring buffer size in pages, a power of two
+#endif
+#ifndef MAX_PROCS
+#define MAX_PROCS 65536     // processes (and threads) of tracked sessions alive at once
+#endif
+#ifndef MAX_KEYS
+#define MAX_KEYS 16384      // sessions with a lost counter at once
+#endif
+
+// Event kinds; mirrored in decode.py.
+#define EV_EXEC 1
+#define EV_EXEC_FAILED 2
+#define EV_OPEN 3
+#define EV_CONNECT 4
+
+// Event flags; mirrored in decode.py.
+#define F_ARGV_TRUNCATED  (1 << 0)   // fewer args than argc, or an arg cut at MAX_ARG_LEN
+#define F_ARGV_UNREADABLE (1 << 1)   // the stack could not be read at all
+#define F_PATH_TRUNCATED  (1 << 2)   // path cut at MAX_PATH
+#define F_PATH_UNREADABLE (1 << 3)   // path could not be read from user memory
+
+// Lost counts of events that cannot be attributed to a session (its counter slot could not be
+// created because `lost` is full) go to this key.
+#define KEY_UNATTRIBUTED 0xffffffff
+
+// ---- Maps -------------------------------------------------------------------------------------
+
+// Every process of a tracked session, by pid (tgid; threads get an entry too, by tid, since the
+// fork tracepoint cannot tell a thread from a process). The session key is inherited at fork,
+// so double forks, setsid and daemons stay in their session.
+struct proc {
+    u32 key;    // the session, as given to Tracer.track()
+    u32 ppid;   // the process that forked this one (stays put when it is reparented)
+};
+BPF_HASH(procs, u32, struct proc, MAX_PROCS);
+
+// Per session: events that could not be delivered.
+BPF_HASH(lost, u32, u64, MAX_KEYS);
+
+// A syscall of a tracked process between its enter and its exit, by thread id. The arguments are
+// pointers into the process's memory; we keep them here and read what they point to at exit.
+struct pending {
+    u64 ptr;     // filename (execve, openat) or sockaddr (connect)
+    u32 key;
+    u32 ppid;
+    s64 arg;     // openat flags, connect addrlen
+};
+BPF_HASH(pending_exec, u32, struct pending, 10240);
+BPF_HASH(pending_open, u32, struct pending, 10240);
+BPF_HASH(pending_connect, u32, struct pending, 10240);
+
+// Every event starts with this header.
+struct header {
+    u64 ts_ns;      // bpf_ktime_get_ns(): CLOCK_MONOTONIC
+    s64 ret;        // syscall return value (0 for a completed exec)
+    u32 kind;       // EV_*
+    u32 key;
+    u32 pid;        // tgid
+    u32 tid;
+    u32 ppid;
+    u32 uid;
+    u32 flags;      // F_*
+    u32 aux;        // open: flags; exec: argc as found on the stack
+    char comm[TASK_COMM_LEN];
+};
+
+// buf holds the filename (path_len bytes, NUL included; 0 when unreadable), then the argv
+// entries, each NUL-terminated, up to buf_len. One buffer for both keeps exec events as short as
+// their contents in the ring.
+struct exec_event {
+    struct header h;
+    u32 path_len;
+    u32 buf_len;
+    u32 args_count;
+    u32 _pad;
+    char buf[ARGS_BUF + MAX_ARG_LEN];   // an arg starts below ARGS_BUF and may run past it
+};
+
+struct open_event {
+    struct header h;
+    u32 path_len;
+    u32 _pad;
+    char path[MAX_PATH];
+};
+
+struct connect_event {
+    struct header h;
+    u16 family;     // AF_INET or AF_INET6
+    u16 port;       // network byte order, as in the sockaddr
+    u32 _pad;
+    u8 addr[16];    // 4 bytes used for AF_INET
+};
+
+// Events are built in a per-CPU scratch slot, then copied into the ring buffer with only the
+// bytes used: an exec with three short arguments must not take 17 KB of the ring.
+union scratch {
+    struct exec_event exec;
+    struct open_event open;
+    struct connect_event connect;
+};
+BPF_PERCPU_ARRAY(scratch_slot, union scratch, 1);
+
+BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
+
+// ---- Helpers ----------------------------------------------------------------------------------
+
+static __always_inline void count_lost(u32 key)
+{
+    u64 zero = 0, *n = lost.lookup_or_try_init(&key, &zero);
+    if (!n) {
+        u32 other = KEY_UNATTRIBUTED;
+        n = lost.lookup_or_try_init(&other, &zero);
+    }
+    if (n)
+        __sync_fetch_and_add(n, 1);
+}
+
+static __always_inline void fill_header(struct header *h, u32 kind, u32 key, u32 ppid, s64 ret)
+{
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    h->ts_ns = bpf_ktime_get_ns();
+    h->ret = ret;
+    h->kind = kind;
+    h->key = key;
+    h->pid = pid_tgid >> 32;
+    h->tid = (u32)pid_tgid;
+    h->ppid = ppid;
+    h->uid = (u32)bpf_get_current_uid_gid();
+    h->flags = 0;
+    h->aux = 0;
+    bpf_get_current_comm(&h->comm, sizeof(h->comm));
+}
+
+static __always_inline void submit(void *ev, u64 size, u32 key)
+{
+    if (events.ringbuf_output(ev, size, 0) < 0)
+        count_lost(key);
+}
+
+// Reads a NUL-terminated user string into dst (MAX_PATH bytes); returns its length with the NUL,
+// setting F_PATH_* in *flags when it was cut or unreadable.
+static __always_inline u32 read_user_path(char *dst, u64 src, u32 *flags)
+{
+    long n = bpf_probe_read_user_str(dst, MAX_PATH, (const void *)src);
+    if (n <= 0) {
+        *flags |= F_PATH_UNREADABLE;
+        dst[0] = 0;
+        return 0;
+    }
+    if (n == MAX_PATH) {
+        // Exactly full: cut unless the string ended right there.
+        char next = 0;
+        bpf_probe_read_user(&next, 1, (const void *)(src + MAX_PATH - 1));
+        if (next)
+            *flags |= F_PATH_TRUNCATED;
+    }
+    return n;
+}
+
+// ---- Session membership: fork and exit --------------------------------------------------------
+
+TRACEPOINT_PROBE(sched, sched_process_fork)
+{
+    // The forking task is current; parent_pid in the record is its thread id, so use the tgid.
+    u32 parent = bpf_get_current_pid_tgid() >> 32;
+    struct proc *p = procs.lookup(&parent);
+    if (!p)
+        return 0;
+    struct proc child = {.key = p->key, .ppid = parent};
+    u32 child_pid = args->child_pid;
+    if (procs.update(&child_pid, &child) < 0)
+        count_lost(p->key);   // this child and all it does would go unseen: say so
+    return 0;
+}
+
+TRACEPOINT_PROBE(sched, sched_process_exit)
+{
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u32 tgid = pid_tgid >> 32, tid = (u32)pid_tgid;
+    if (!procs.lookup(&tgid))
+        return 0;
+    pending_exec.delete(&tid);
+    pending_open.delete(&tid);
+    pending_connect.delete(&tid);
+    if (tid != tgid)
+        procs.delete(&tid);
+    else if (args->group_dead)
+        procs.delete(&tgid);
+    return 0;
+}
+
+// ---- exec ---------------------------------------------------------------------------------------
+#ifdef WANT_EXEC
+
+// A completed exec. argv is read here, from the new program's stack, and not at sys_enter_execve:
+// there the strings live in the caller's memory, which in a freshly forked child is often not
+// paged in yet, and BPF cannot fault pages in (argv[0] was unreadable in every exec of a storm).
+// Once the exec has completed, the kernel has itself just written argc, argv[] and the strings
+// onto the new stack, so they are resident. The user stack pointer in the task's saved registers
+// (pt_regs, ABI-stable) points at argc, followed by argv[0..argc-1].
+TRACEPOINT_PROBE(sched, sched_process_exec)
+{
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    struct proc *p = procs.lookup(&tgid);
+    if (!p)
+        return 0;
+    u32 key = p->key, ppid = p->ppid;
+
+    // A non-leader thread that execs takes over the leader's pid; its syscall exit will come
+    // under the new pid, so the entry under its old thread id would stay behind.
+    if (args->old_pid != args->pid) {
+        u32 old = args->old_pid;
+        pending_exec.delete(&old);
+    }
+
+    u32 zero = 0;
+    union scratch *s = scratch_slot.lookup(&zero);
+    if (!s) {
+        count_lost(key);
+        return 0;
+    }
+    struct exec_event *e = &s->exec;
+    fill_header(&e->h, EV_EXEC, key, ppid, 0);
+
+    // The filename as the exec was asked for it (tracepoint field, in the trace record).
+    unsigned short loc = args->data_loc_filename & 0xFFFF;
+    long n = bpf_probe_read_kernel_str(e->buf, MAX_PATH, (char *)args + loc);
+    if (n <= 0) {
+        e->h.flags |= F_PATH_UNREADABLE;
+        n = 0;
+    } else if (n == MAX_PATH) {
+        e->h.flags |= F_PATH_TRUNCATED;   // the record ends with the NUL: cannot check further
+    }
+    e->path_len = n;
+
+    struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(bpf_get_current_task_btf());
+    u64 sp = 0, argc = 0;
+    bpf_probe_read_kernel(&sp, sizeof(sp), &regs->sp);
+    if (!sp || bpf_probe_read_user(&argc, sizeof(argc), (void *)sp) < 0) {
+        e->h.flags |= F_ARGV_UNREADABLE;
+        argc = 0;
+    }
+    e->h.aux = argc;
+
+    // The running offset and count live in the event (memory), not in registers: the verifier
+    // then sees one unknown offset per iteration instead of a growing set of ranges, which made
+    // verification grow faster than MAX_ARGS and fail past ~40 args. The mask (ARGS_BUF is a
+    // power of two) proves the bound to it.
+    e->buf_len = n;
+    e->args_count = 0;
+    for (int i = 0; i < MAX_ARGS; i++) {
+        if (i >= argc)
+            break;
+        u64 off = e->buf_len;
+        if (off >= ARGS_BUF) {          // the budget for all args is spent
+            e->h.flags |= F_ARGV_TRUNCATED;
+            break;
+        }
+        u64 argp = 0;
+        if (bpf_probe_read_user(&argp, sizeof(argp), (void *)(sp + 8 + 8 * (u64)i)) < 0 || !argp) {
+            e->h.flags |= F_ARGV_UNREADABLE;
+            break;
+        }
+        asm volatile("" : "+r"(off));   // keeps clang from dropping the mask as useless
+        off &= ARGS_BUF - 1;
+        long len = bpf_probe_read_user_str(&e->buf[off], MAX_ARG_LEN, (void *)argp);
+        if (len <= 0) {
+            e->h.flags |= F_ARGV_UNREADABLE;
+            break;
+        }
+        if (len == MAX_ARG_LEN) {
+            char next = 0;
+            bpf_probe_read_user(&next, 1, (void *)(argp + MAX_ARG_LEN - 1));
+            if (next)
+                e->h.flags |= F_ARGV_TRUNCATED;
+        }
+        e->buf_len = off + len;
+        e->args_count++;
+    }
+    if (e->args_count < argc)
+        e->h.flags |= F_ARGV_TRUNCATED;
+
+    u64 size = offsetof(struct exec_event, buf) + e->buf_len;
+    if (size > sizeof(struct exec_event))
+        size = sizeof(struct exec_event);
+    submit(e, size, key);
+    return 0;
+}
+
+// Failed execs never reach sched_process_exec: they are caught at the syscall's exit. The
+// filename pointer is kept at enter and read at exit (the old program's memory is still there,
+// and the kernel has just read the string itself, so it is resident). Successful execs pass
+// through here too (ret 0) and are reported by sched_process_exec instead.
+static __always_inline int exec_enter(u64 filename)
+{
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    struct proc *p = procs.lookup(&tgid);
+    if (!p)
+        return 0;
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    struct pending pe = {.ptr = filename, .key = p->key, .ppid = p->ppid};
+    if (pending_exec.update(&tid, &pe) < 0)
+        count_lost(p->key);
+    return 0;
+}
+
+static __always_inline int exec_exit(long ret)
+{
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    struct pending *pe = pending_exec.lookup(&tid);
+    if (!pe)
+        return 0;
+    struct pending saved = *pe;
+    pending_exec.delete(&tid);
+    if (ret >= 0)
+        return 0;
+
+    u32 zero = 0;
+    union scratch *s = scratch_slot.lookup(&zero);
+    if (!s) {
+        count_lost(saved.key);
+        return 0;
+    }
+    struct exec_event *e = &s->exec;
+    fill_header(&e->h, EV_EXEC_FAILED, saved.key, saved.ppid, ret);
+    u32 n = read_user_path(e->buf, saved.ptr, &e->h.flags);
+    e->path_len = n;
+    e->buf_len = n;
+    e->args_count = 0;
+    u64 size = offsetof(struct exec_event, buf) + n;
+    if (size > sizeof(struct exec_event))
+        size = sizeof(struct exec_event);
+    submit(e, size, saved.key);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_execve) { return exec_enter((u64)args->filename); }
+TRACEPOINT_PROBE(syscalls, sys_exit_execve) { return exec_exit(args->ret); }
+TRACEPOINT_PROBE(syscalls, sys_enter_execveat) { return exec_enter((u64)args->filename); }
+TRACEPOINT_PROBE(syscalls, sys_exit_execveat) { return exec_exit(args->ret); }
+
+#endif  // WANT_EXEC
+
+// ---- open ---------------------------------------------------------------------------------------
+#ifdef WANT_OPEN
+
+// The path is read at the syscall's exit, not at its enter: at enter the string may not be paged
+// in yet (BPF cannot fault it in), at exit the kernel has just copied it itself. The pointer and
+// flags are kept per thread in between. (open(2) and creat(2) do not exist as syscalls for
+// x86-64 glibc programs, which all call openat; openat2 is rare and not traced.)
+TRACEPOINT_PROBE(syscalls, sys_enter_openat)
+{
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    struct proc *p = procs.lookup(&tgid);
+    if (!p)
+        return 0;
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    struct pending pe = {.ptr = (u64)args->filename, .key = p->key, .ppid = p->ppid,
+                         .arg = args->flags};
+    if (pending_open.update(&tid, &pe) < 0)
+        count_lost(p->key);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_openat)
+{
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    struct pending *pe = pending_open.lookup(&tid);
+    if (!pe)
+        return 0;
+    struct pending saved = *pe;
+    pending_open.delete(&tid);
+
+    u32 zero = 0;
+    union scratch *s = scratch_slot.lookup(&zero);
+    if (!s) {
+        count_lost(saved.key);
+        return 0;
+    }
+    struct open_event *e = &s->open;
+    fill_header(&e->h, EV_OPEN, saved.key, saved.ppid, args->ret);
+    e->h.aux = (u32)saved.arg;
+    u32 n = read_user_path(e->path, saved.ptr, &e->h.flags);
+    e->path_len = n;
+    u64 size = offsetof(struct open_event, path) + n;
+    if (size > sizeof(struct open_event))
+        size = sizeof(struct open_event);
+    submit(e, size, saved.key);
+    return 0;
+}
+
+#endif  // WANT_OPEN
+
+// ---- connect ------------------------------------------------------------------------------------
+#ifdef WANT_CONNECT
+
+// The destination is copied from the caller's sockaddr at exit, like open paths. The source
+// address is not reported: it lives in the kernel's struct sock, reachable only through struct
+// offsets we cannot trust here.
+TRACEPOINT_PROBE(syscalls, sys_enter_connect)
+{
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    struct proc *p = procs.lookup(&tgid);
+    if (!p)
+        return 0;
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    struct pending pe = {.ptr = (u64)args->uservaddr, .key = p->key, .ppid = p->ppid,
+                         .arg = args->addrlen};
+    if (pending_connect.update(&tid, &pe) < 0)
+        count_lost(p->key);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_connect)
+{
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    struct pending *pe = pending_connect.lookup(&tid);
+    if (!pe)
+        return 0;
+    struct pending saved = *pe;
+    pending_connect.delete(&tid);
+
+    // sockaddr_in6: family(2) port(2) flowinfo(4) addr(16) scope(4); sockaddr_in: family(2)
+    // port(2) addr(4). Read only as much as the caller said it passed.
+    u8 sa[28] = {};
+    u64 len = saved.arg;
+    if (len > sizeof(sa))
+        len = sizeof(sa);
+    if (len < 8 || bpf_probe_read_user(sa, len & 31, (void *)saved.ptr) < 0)
+        return 0;   // too short for an IP address, or unreadable: the kernel refused it too
+    u16 family = sa[0] | (sa[1] << 8);
+    if (family != AF_INET && family != AF_INET6)
+        return 0;   // unix sockets and others are not network connections
+    if (family == AF_INET6 && len < 24)
+        return 0;
+
+    u32 zero = 0;
+    union scratch *s = scratch_slot.lookup(&zero);
+    if (!s) {
+        count_lost(saved.key);
+        return 0;
+    }
+    struct connect_event *e = &s->connect;
+    fill_header(&e->h, EV_CONNECT, saved.key, saved.ppid, args->ret);
+    e->family = family;
+    e->port = sa[2] | (sa[3] << 8);
+    __builtin_memset(e->addr, 0, sizeof(e->addr));
+    if (family == AF_INET)
+        __builtin_memcpy(e->addr, &sa[4], 4);
+    else
+        __builtin_memcpy(e->addr, &sa[8], 16);
+    submit(e, sizeof(*e), saved.key);
+    return 0;
+}
+
+#endif  // WANT_CONNECT

@@ -1,0 +1,163 @@
+"""The agent's side of host events: the eBPF tracer (ebpf/) turned into spooled events.
+
+The session server tells us each recorded session's wrapper pid and sid; the tracer follows
+that process and everything that descends from it (fork events in the kernel, so double forks,
+setsid and daemons stay attributed) and reports execs, opens and connects. What the tracer
+lost is counted per session and written as `ebpf.lost`. When BPF cannot run (no BCC, no
+headers, no permission), the agent goes on without it and says why, once, in
+`agent.ebpf_unavailable`.
+
+A session must be followed before its wrapper starts the user's program, or a short command
+would run unseen: the session server calls track() before it welcomes the wrapper. BCC's
+objects are not thread-safe, so a lock serialises track() with the polling thread, which holds
+it for short polls only. Part of the agent (an entry point): it may import the ebpf component.
+"""
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+
+from . import events
+from .spool import Spool
+
+log = logging.getLogger("sshtrail.agent.ebpf")
+
+
+class HostEvents:
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.reason: str | None = None
+        self.ready = threading.Event()  # set once the tracer is loaded, or known unavailable
+        self.loaded = False
+        self._requests: queue.Queue = queue.Queue()  # sessions that came before the tracer
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._tracer = None
+        self._keys: dict[str, int] = {}
+        self._sids: dict[int, tuple[str, str]] = {}  # tracer key -> (sid, login)
+        self._thread = threading.Thread(target=self._run, name="ebpf", daemon=True)
+        self._thread.start()
+
+    def track(self, pid: int, sid: str, login: str) -> None:
+        """Follow `pid` and its descendants as session `sid` (any thread). Returns once the
+        kernel follows it, if the tracer is loaded; before that, it is followed on load."""
+        with self._lock:
+            if self._tracer is None:
+                if not self.ready.is_set():
+                    self._requests.put((pid, sid, login))
+                return
+            self._track(pid, sid, login)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    # -- the tracer's thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        spool = Spool.from_config(self.cfg)
+        try:
+            tracer = self._load(spool)
+            self.loaded = tracer is not None
+            self.ready.set()
+            if tracer is None:
+                return
+            with tracer:
+                with self._lock:
+                    self._tracer = tracer
+                    while not self._requests.empty():
+                        self._track(*self._requests.get_nowait())
+                while not self._stop.is_set():
+                    with self._lock:
+                        tracer.poll(20)
+                        lost = tracer.lost()
+                    self._report_lost(spool, lost)
+                with self._lock:
+                    tracer.drain()
+                    self._report_lost(spool, tracer.lost())
+                    self._tracer = None
+        except Exception as e:  # noqa: BLE001 - the agent goes on without host events
+            log.error("host events stopped: %s", e)
+            spool.append(events.new("agent.ebpf_unavailable", reason=f"the tracer failed: {e}"))
+        finally:
+            self.ready.set()
+            spool.close()
+
+    def _load(self, spool):
+        cfg = self.cfg
+        if not cfg["ebpf.enabled"]:
+            self.reason = "ebpf.enabled is false in the config"
+        else:
+            try:
+                from ebpf.tracer import Tracer, TracerUnavailable
+            except ImportError as e:  # BCC's Python bindings are Debian's python3-bpfcc
+                self.reason = f"BCC's Python bindings cannot be imported ({e}): install python3-bpfcc"
+            else:
+                try:
+                    return Tracer(lambda batch: self._write(spool, batch),
+                                  kinds=tuple(cfg["ebpf.kinds"]), max_args=cfg["ebpf.max_args"],
+                                  ignore_prefixes=tuple(cfg["ebpf.ignore_prefixes"]))
+                except TracerUnavailable as e:
+                    self.reason = str(e)
+        log.warning("host events are off: %s", self.reason)
+        spool.append(events.new("agent.ebpf_unavailable", reason=self.reason))
+        return None
+
+    def _track(self, pid: int, sid: str, login: str) -> None:
+        # Called with the lock held.
+        key = self._keys.setdefault(sid, len(self._keys) + 1)
+        self._sids[key] = (sid, login)
+        try:
+            self._tracer.track(pid, key)
+        except ProcessLookupError:
+            log.info("session %s: wrapper %d already gone, nothing to follow", sid, pid)
+
+    def _report_lost(self, spool, lost: dict) -> None:
+        evs = []
+        for key, count in lost.items():
+            sid, login = self._sids.get(key, ("", ""))
+            fields = {"sid": sid, "login": login} if sid else {}
+            evs.append(events.new("ebpf.lost", count=count, **fields,
+                                  message="the tracer's buffer was full: this many host events "
+                                          + ("of the session" if sid else "(session unknown)")
+                                          + " were not captured"))
+        if evs:
+            spool.append(*evs)
+
+    def _write(self, spool, batch: list[dict]) -> None:
+        evs = []
+        for e in batch:
+            sid, login = self._sids.get(e["key"], (None, None))
+            if sid is None:
+                continue
+            common = {"sid": sid, "login": login, "pid": e["pid"], "program": e.get("comm", ""),
+                      "return_code": e["ret"]}
+            for flag in ("argv_truncated", "path_truncated", "path_unreadable", "argv_unreadable"):
+                if e.get(flag):
+                    common[flag] = True
+            if e["kind"] == "exec":
+                # process_uid: `uid` is every event's own id (DESIGN.md, common fields).
+                ev = events.new("session.command", at=e.get("time"), path=e["path"],
+                                argv=e["argv"], ppid=e.get("ppid", 0),
+                                process_uid=e.get("uid", 0), **common)
+            elif e["kind"] == "open":
+                ev = events.new("session.disk", at=e.get("time"), path=e["path"],
+                                flags=e["flags"], **common)
+            elif e["kind"] == "connect":
+                ev = events.new("session.network", at=e.get("time"), dst_addr=e["dst_addr"],
+                                dst_port=e["dst_port"], version=e["family"], **common)
+            else:
+                continue
+            evs.append(ev)
+        if not evs:
+            return
+        try:
+            spool.append(*evs)
+        except Exception as e:  # noqa: BLE001 - counted, never silent, and the tracer goes on
+            log.error("could not write %d host events: %s", len(evs), e)
+            try:
+                spool.append(events.new("ebpf.lost", count=len(evs),
+                                        message=f"captured but not written: {e}"[:500]))
+            except Exception:  # noqa: BLE001 - the spool itself is failing: the log says it
+                pass

@@ -1,0 +1,127 @@
+"""Host events end to end: the agent's BPF tracer following recorded sessions on a real sshd."""
+import socket
+import subprocess
+import time
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+try:
+    import bcc  # noqa: F401  (only: is it there)
+    HAVE_BCC = True
+except ImportError:
+    HAVE_BCC = False
+needs_bcc = pytest.mark.skipif(not HAVE_BCC, reason="BCC (Debian's python3-bpfcc) is not installed")
+
+
+@pytest.fixture
+def trail(trail_factory):
+    t = trail_factory(settings="[ebpf]\nenabled = true\n")
+    (start,) = t.events(type="agent.start")
+    assert "host events on" in start["message"]
+    return t
+
+
+@pytest.fixture
+def listener():
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.bind(("127.0.0.1", 0))
+    s.listen(16)
+    yield s.getsockname()[1]
+    s.close()
+
+
+def events_of(trail, sid, kind, n=1, timeout=20):
+    def have(evs):
+        return len([e for e in evs if e.get("sid") == sid]) >= n
+    evs = trail.wait_for(have, type=kind, what=f"{n} {kind}", timeout=timeout)
+    return [e for e in evs if e.get("sid") == sid]
+
+
+def session_sid(trail, login):
+    (ev,) = trail.wait_for(lambda e: len(e) >= 1, type="session.start", user=login)
+    return ev["sid"]
+
+
+@needs_bcc
+def test_commands_files_and_connects_of_a_session(trail, listener):
+    user = trail.lab.add_user("bpf")
+    hundred = " ".join(f"arg{i}" for i in range(100))
+    script = ("ls /etc >/dev/null; cat /etc/hostname >/dev/null; "
+              f"python3 -c \"import socket; socket.create_connection(('127.0.0.1', {listener})).close()\"; "
+              f"/bin/echo {hundred} >/dev/null")
+    r = trail.lab.ssh(user, script)
+    assert r.returncode == 0, r.stderr
+    sid = session_sid(trail, user.login)
+    cmds = events_of(trail, sid, "session.command", n=4)
+    argvs = [c["argv"] for c in cmds]
+    assert ["ls", "/etc"] in argvs and ["cat", "/etc/hostname"] in argvs
+    assert ["/bin/echo"] + [f"arg{i}" for i in range(100)] in argvs
+    disk = events_of(trail, sid, "session.disk")
+    assert any(d["path"] == "/etc/hostname" and d["return_code"] >= 0 for d in disk)
+    assert any(d["path"] == "/etc" for d in disk)  # ls opens the directory
+    (net,) = [n for n in events_of(trail, sid, "session.network")
+              if n["dst_port"] == listener]
+    assert net["dst_addr"] == "127.0.0.1" and net["version"] == 4 and net["return_code"] == 0
+    # Nothing of this session is attributed elsewhere, and the table shows it readably.
+    table = trail.cli("events", "--user", user.login).stdout
+    assert "run ls /etc" in table and f"connect 127.0.0.1:{listener}" in table
+
+
+@needs_bcc
+def test_background_jobs_that_outlive_the_session_stay_attributed(trail, tmp_path):
+    user = trail.lab.add_user("bg")
+    r = trail.lab.ssh(user, "nohup sh -c 'sleep 1; cat /etc/passwd' >/dev/null 2>&1 & "
+                            "setsid sh -c '(sleep 1; cat /etc/group) &' >/dev/null 2>&1; exit 0")
+    assert r.returncode == 0
+    sid = session_sid(trail, user.login)
+    disk = events_of(trail, sid, "session.disk", n=2, timeout=20)
+    time.sleep(2.5)
+    disk = [d for d in trail.events(type="session.disk") if d.get("sid") == sid]
+    paths = {d["path"] for d in disk}
+    assert "/etc/passwd" in paths and "/etc/group" in paths
+
+
+@needs_bcc
+def test_processes_outside_sessions_and_other_sessions_are_not_mixed(trail, tmp_path):
+    a, b = trail.lab.add_user("sa"), trail.lab.add_user("sb")
+    marker = tmp_path / "outside-marker"
+    marker.write_text("x")
+    subprocess.run(["cat", str(marker)], check=True, capture_output=True)  # not in a session
+    ra = trail.lab.ssh(a, "cat /etc/hostname >/dev/null; sleep 0.5")
+    rb = trail.lab.ssh(b, "cat /etc/os-release >/dev/null")
+    assert ra.returncode == rb.returncode == 0
+    sa, sb = session_sid(trail, a.login), session_sid(trail, b.login)
+    events_of(trail, sa, "session.disk")
+    events_of(trail, sb, "session.disk")
+    time.sleep(1)
+    disk = trail.events(type="session.disk")
+    assert not [d for d in disk if d["path"] == str(marker)]
+    assert all(d["login"] == a.login for d in disk if d["sid"] == sa)
+    assert all(d["login"] == b.login for d in disk if d["sid"] == sb)
+    assert not [d for d in disk if d["sid"] == sa and d["path"] == "/etc/os-release"]
+    assert not [d for d in disk if d["sid"] == sb and d["path"] == "/etc/hostname"]
+
+
+@pytest.fixture
+def trail_without_bcc(lab_factory):
+    from trail import Trail
+    t = Trail(lab_factory(), settings="[ebpf]\nenabled = true\n")
+    t.install()
+    t.start_agent(without_bcc=True)
+    yield t
+    t.close()
+
+
+def test_without_bcc_the_agent_records_logins_and_sessions_and_says_why(trail_without_bcc):
+    t = trail_without_bcc
+    (off,) = t.wait_for(lambda e: len(e) >= 1, type="agent.ebpf_unavailable", what="why BPF is off")
+    assert "python3-bpfcc" in off["reason"]
+    user = t.lab.add_user("nobpf")
+    r = t.lab.ssh(user, "echo still-recorded")
+    assert r.returncode == 0 and r.stdout == b"still-recorded\n"
+    evs = t.wait_for(lambda e: {"user.login", "session.start", "exec"} <= {x["event"] for x in e},
+                     user=user.login, what="login, session and exec")
+    assert not [e for e in evs if e["event"].startswith("session.") and e["event"] not in
+                ("session.start", "session.end")]
