@@ -23,7 +23,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="sshtrail-demo-") as d:
         with Lab("demo", Path(d) / "lab", extra_sshd_config="AllowUsers st-*\n") as lab:
             say(f"lab sshd on 127.0.0.1:{lab.port} (PAM service {lab.pam_service})")
-            trail = Trail(lab)
+            trail = Trail(lab, settings="[ebpf]\nenabled = true\n")
             say("sshtrail install")
             print(trail.install().stdout.rstrip())
             trail.start_agent()
@@ -48,7 +48,10 @@ def main() -> int:
                 bob = shell_user(lab, "bob")
                 term = Terminal(lab, bob, cols=100, rows=30)
                 term.expect(re.escape(PROMPT))
-                for line in ("uname -s", "echo \"recorded at $(date -u +%H:%M:%S)\"", "ls / | head -3"):
+                connect = ("python3 -c \"import socket; socket.create_connection(('127.0.0.1', "
+                           f"{lab.port})).close()\"")
+                for line in ("uname -s", "echo \"recorded at $(date -u +%H:%M:%S)\"", "ls / | head -3",
+                             "cat /etc/hostname", connect):
                     term.send(line + "\r")
                     time.sleep(0.3)
                 term.send("exit\r")
@@ -58,6 +61,14 @@ def main() -> int:
                 time.sleep(1)
                 say("sshtrail events")
                 print(trail.cli("events").stdout.rstrip())
+                say("what bob's session did on the host (eBPF): sshtrail events --user bob "
+                    "--type session.command / session.disk / session.network")
+                for kind in ("session.command", "session.network"):
+                    rows = trail.cli("events", "--user", bob.login, "--type", kind).stdout.splitlines()
+                    print("\n".join(rows if kind == "session.command" else rows[1:]))
+                disk = trail.cli("events", "--user", bob.login, "--type", "session.disk").stdout.splitlines()
+                shown = [r for r in disk[1:] if "/etc/" in r or "/home/" in r][:6]
+                print("\n".join(shown) + f"\n  ... {len(disk) - 1} file opens in all")
                 say("sshtrail sessions")
                 print(trail.cli("sessions").stdout.rstrip())
                 sid = [e for e in trail.events(type="session.recording", user=bob.login)][0]["sid"]
