@@ -17,7 +17,8 @@ test: setup
 
 bench: setup
 	$(PY) bench/login
-	$(PY) bench/spool
+	$(PY) bench/pty
+	$(PY) bench/ebpf
 
 setup: system venv
 

@@ -24,6 +24,7 @@ EXAMPLES = """examples:
   sshtrail sessions                         recorded sessions
   sshtrail export SID -o s.cast             a recording as asciicast v2 (asciinema play s.cast)
   sshtrail agent                            run the host daemon in the foreground
+  sshtrail doctor                           is everything in place? (exit 1 if not)
   sshtrail config --defaults                every config key, its default and what it does
 """
 
@@ -213,6 +214,17 @@ def cmd_export(args, cfg) -> int:
     return 0
 
 
+def cmd_doctor(args, cfg) -> int:
+    from sshtrail import doctor
+    checks = doctor.run_checks(cfg, pam_service=args.pam_service, sshd_config=args.sshd_config,
+                               sshd_binary=args.sshd_binary, bpf=not args.no_bpf)
+    for c in checks:
+        print(c)
+    failed = [c for c in checks if not c.ok]
+    print(f"{len(checks) - len(failed)} OK, {len(failed)} to fix")
+    return 1 if failed else 0
+
+
 def cmd_agent(args, cfg) -> int:
     from sshtrail import agent
     return agent.run(cfg)
@@ -242,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     for name, func, help_ in (("install", cmd_install, "hook sshtrail into sshd's PAM service and config"),
-                              ("uninstall", cmd_uninstall, "remove exactly what install added")):
+                              ("uninstall", cmd_uninstall, "remove exactly what install added"),
+                              ("doctor", cmd_doctor, "check this host end to end: OK, or what to fix")):
         sp = add(name, func, help_)
         sp.add_argument("--pam-service", default="sshd", help="PAM service name (default: sshd)")
         sp.add_argument("--sshd-config", default="/etc/ssh/sshd_config", metavar="PATH")
@@ -251,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "install":
             sp.add_argument("--no-wrapper", action="store_true",
                             help="the login trail only: no ForceCommand, no session recording")
+        if name == "doctor":
+            sp.add_argument("--no-bpf", action="store_true",
+                            help="skip loading the eBPF probes (takes a few seconds)")
     sp = add("events", cmd_events, "print spooled events (a table, or JSON lines)")
     sp.add_argument("--type", help="only this event type, e.g. user.login")
     sp.add_argument("--user", help="only this login")

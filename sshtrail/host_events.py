@@ -89,17 +89,13 @@ class HostEvents:
         if not cfg["ebpf.enabled"]:
             self.reason = "ebpf.enabled is false in the config"
         else:
+            from ebpf.tracer import Tracer, TracerUnavailable  # imports BCC only when loading
             try:
-                from ebpf.tracer import Tracer, TracerUnavailable
-            except ImportError as e:  # BCC's Python bindings are Debian's python3-bpfcc
-                self.reason = f"BCC's Python bindings cannot be imported ({e}): install python3-bpfcc"
-            else:
-                try:
-                    return Tracer(lambda batch: self._write(spool, batch),
-                                  kinds=tuple(cfg["ebpf.kinds"]), max_args=cfg["ebpf.max_args"],
-                                  ignore_prefixes=tuple(cfg["ebpf.ignore_prefixes"]))
-                except TracerUnavailable as e:
-                    self.reason = str(e)
+                return Tracer(lambda batch: self._write(spool, batch),
+                              kinds=tuple(cfg["ebpf.kinds"]), max_args=cfg["ebpf.max_args"],
+                              ignore_prefixes=tuple(cfg["ebpf.ignore_prefixes"]))
+            except TracerUnavailable as e:  # no BCC, no headers, no permission...
+                self.reason = str(e)
         log.warning("host events are off: %s", self.reason)
         spool.append(events.new("agent.ebpf_unavailable", reason=self.reason))
         return None
