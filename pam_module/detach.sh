@@ -3,5 +3,7 @@
 # once, so a login never waits for the recording of it (pam_exec waits only for this process).
 # $PPID here is the process that called PAM (sshd); the detached hook could not learn it later.
 # Usage: detach.sh PYTHON ARGS...   (the hook's own command line)
+# nice: the recording competes with the login it records for CPU; let the login win. (Not
+# SCHED_IDLE: under sustained load it could starve past pam.timeout and lose the event.)
 caller=$PPID
-exec /usr/bin/setsid -f "$@" --caller "$caller"
+exec /usr/bin/setsid -f /usr/bin/nice -n 10 "$@" --caller "$caller"
