@@ -204,6 +204,11 @@ class SessionServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             evs.append(events.new("session.recording_failed", reason=(
                 f"{dropped} bytes of output were not recorded: the agent was slow or away and "
                 "the wrapper's buffer was full"), dropped_bytes=dropped, **common))
+        if row["dropped_bytes"]:
+            evs.append(events.new("session.recording_failed", reason=(
+                f"{row['dropped_bytes']} bytes of output were not recorded: the spool was full "
+                f"(spool.max_bytes) of events not yet delivered"),
+                dropped_bytes=row["dropped_bytes"], **common))
         fields = {}
         if row["mode"] == "exec" and not row["chunks"]:
             fields["bytes_out"] = _int(header.get("bytes_out"), 0)  # passed through, not recorded

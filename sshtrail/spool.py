@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from . import events
 from .errors import SshtrailError
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -54,7 +54,8 @@ CREATE TABLE IF NOT EXISTS recordings (
     term TEXT NOT NULL, cols INTEGER NOT NULL, rows INTEGER NOT NULL, started REAL NOT NULL,
     ended REAL, end_reason TEXT, exit_status INTEGER, wrapper_pid INTEGER NOT NULL,
     wrapper_start INTEGER NOT NULL, bytes_out INTEGER NOT NULL DEFAULT 0,
-    stored_bytes INTEGER NOT NULL DEFAULT 0, chunks INTEGER NOT NULL DEFAULT 0);
+    stored_bytes INTEGER NOT NULL DEFAULT 0, chunks INTEGER NOT NULL DEFAULT 0,
+    dropped_bytes INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS recording_chunks (
     sid TEXT NOT NULL, seq INTEGER NOT NULL, data BLOB NOT NULL, PRIMARY KEY (sid, seq));
 -- Open PAM sessions, so close_session can tell the duration.
@@ -154,16 +155,18 @@ class Spool:
                              for p in ("page_count", "freelist_count", "page_size"))
         return (pages - free) * size
 
-    def _make_room(self, incoming: int) -> bool:
-        if self._used_bytes() + incoming <= self.max_bytes:
-            return True
-        # Delivered events are only a local convenience: they go first, oldest first.
+    def _prune_delivered(self, incoming: int) -> bool:
+        """Make room by deleting delivered events, oldest first: they are only a local
+        convenience. True if `incoming` bytes now fit under max_bytes."""
         while self._used_bytes() + incoming > self.max_bytes:
             cur = self._db.execute("DELETE FROM events WHERE seq IN (SELECT seq FROM events "
                                    "WHERE sent = 1 ORDER BY seq LIMIT 500)")
             if cur.rowcount == 0:
                 break
-        if self._used_bytes() + incoming <= self.max_bytes:
+        return self._used_bytes() + incoming <= self.max_bytes
+
+    def _make_room(self, incoming: int) -> bool:
+        if self._prune_delivered(incoming):
             return True
         if self.on_full == "drop_new":
             return False
@@ -255,6 +258,12 @@ class Spool:
         output here, more than the whole plain session; the collector compresses."""
         data = frames_blob
         with _txn(self._db, immediate=True):
+            if not self._prune_delivered(len(data)):
+                # Full: a session's output must not push out events not yet delivered (a user
+                # could flood the terminal to that end). Dropped, counted, reported at its end.
+                self._db.execute("UPDATE recordings SET bytes_out = bytes_out + ?, dropped_bytes "
+                                 "= dropped_bytes + ? WHERE sid = ?", (out_bytes, out_bytes, sid))
+                return False
             new = self._db.execute("INSERT OR IGNORE INTO recording_chunks (sid, seq, data) "
                                    "VALUES (?, ?, ?)", (sid, seq, data)).rowcount
             if new:

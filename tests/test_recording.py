@@ -271,3 +271,17 @@ def test_user_environment_and_rc_cannot_run_code_around_the_wrapper(trail):
     assert not marker.exists() and not (user.home / "escaped-rc").exists()
     (ev,) = trail.wait_for(lambda e: len(e) >= 1, type="exec", user=user.login, what="exec")
     assert ev["command"].startswith("echo in")
+
+
+def test_a_full_spool_drops_output_not_events_and_says_so(trail_factory):
+    # A user printing without end must not push undelivered events out of the spool.
+    t = trail_factory(settings="[spool]\nmax_bytes = 2000000\n")
+    user = t.lab.add_user("flood")
+    r = t.lab.ssh(user, "head -c 6000000 /dev/zero | base64", tty=True)
+    assert r.returncode == 0 and len(r.stdout) > 7_000_000  # the terminal got all of it
+    (failed,) = t.wait_for(lambda e: len(e) >= 1, type="session.recording_failed",
+                           user=user.login, what="recording_failed")
+    assert "the spool was full" in failed["reason"] and failed["dropped_bytes"] > 4_000_000
+    # Every event of the session is still there.
+    kinds = {e["event"] for e in t.events(user=user.login)}
+    assert {"user.login", "session.start", "session.recording", "session.end"} <= kinds
