@@ -219,7 +219,10 @@ class SessionServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         """The wrapper went away without an end: killed, or crashed."""
         sid = session["sid"]
         reason = "the session wrapper went away without reporting an end (killed or crashed)"
-        alive = procfs.alive(session["pid"])
+        # A killed process closes its sockets while it is still exiting: give it a moment.
+        deadline = time.monotonic() + 1.0
+        while (alive := procfs.alive(session["pid"])) and time.monotonic() < deadline:
+            time.sleep(0.02)
         if alive:
             reason = "the session wrapper closed its connection to the agent without an end"
         row = self.spool.recording(sid)
