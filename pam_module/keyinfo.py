@@ -1,6 +1,6 @@
 """SSH public key fingerprints in sshd's own notation (`SHA256:` + unpadded base64), so a key
-in a PAM event can be matched by eye against sshd's "Accepted publickey ... SHA256:..." line."""
-import base64
+in a PAM event can be matched by eye against sshd's "Accepted publickey ... SHA256:..." line.
+binascii rather than base64: base64 imports re, a few ms of every PAM call."""
 import binascii
 
 from sshtrail.sha import sha256
@@ -8,7 +8,8 @@ from sshtrail.sha import sha256
 
 def fingerprint(blob_b64: str) -> str:
     try:
-        blob = base64.b64decode(blob_b64, validate=True)
-    except (binascii.Error, ValueError):
+        blob = binascii.a2b_base64(blob_b64.encode("ascii"), strict_mode=True)
+    except (binascii.Error, ValueError, UnicodeEncodeError):
         return "unparseable key"
-    return "SHA256:" + base64.b64encode(sha256(blob).digest()).decode().rstrip("=")
+    digest = binascii.b2a_base64(sha256(blob).digest(), newline=False).decode()
+    return "SHA256:" + digest.rstrip("=")

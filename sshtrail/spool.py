@@ -14,7 +14,6 @@ through sqlite-utils. This module must never import a component (pam_module, col
 """
 from __future__ import annotations
 
-import json
 import os
 import sqlite3
 import time
@@ -211,6 +210,7 @@ class Spool:
                                       (batch_id,)).fetchall()
         if not bodies:
             return None
+        import json  # here and below, not at the top: the PAM hook's path needs no json
         return Batch(batch_id, [json.loads(b) for (b,) in bodies])
 
     def ack(self, batch_id: str) -> int:
@@ -227,12 +227,13 @@ class Spool:
 
     def get_state(self, key: str, default=None):
         row = self._db.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
+        import json
         return json.loads(row[0]) if row else default
 
     def set_state(self, key: str, value) -> None:
         with _txn(self._db, immediate=True):
             self._db.execute("INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)",
-                             (key, json.dumps(value)))
+                             (key, events.to_json(value)))
 
     @property
     def db(self) -> sqlite3.Connection:
@@ -312,6 +313,7 @@ class Spool:
         sql += " ORDER BY time, seq"
         if limit:
             sql += f" LIMIT {int(limit)}"
+        import json
         return [json.loads(r["body"]) for r in sqlite_utils.Database(self._db).query(sql, params)]
 
     def count(self, *, sent: bool | None = None) -> int:
