@@ -259,7 +259,9 @@ class Spool:
         output here, more than the whole plain session; the collector compresses."""
         data = frames_blob
         with _txn(self._db, immediate=True):
-            if not self._prune_delivered(len(data)):
+            # Recordings stop a tenth short of the cap: that room is for events, among them
+            # the one saying how much output was dropped.
+            if not self._prune_delivered(len(data) + self.max_bytes // 10):
                 # Full: a session's output must not push out events not yet delivered (a user
                 # could flood the terminal to that end). Dropped, counted, reported at its end.
                 self._db.execute("UPDATE recordings SET bytes_out = bytes_out + ?, dropped_bytes "

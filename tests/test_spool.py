@@ -168,3 +168,16 @@ def test_query_filters(tmp_path):
     assert [e["login"] for e in s.query(login="alice")] == ["alice", "alice"]
     assert len(s.query(kind="user.login")) == 2
     assert [e["login"] for e in s.query(since=time.time() - 60, kind="user.login")] == ["bob"]
+
+
+def test_recordings_leave_room_for_events(tmp_path):
+    s = spool(tmp_path, max_bytes=300 * 1024)
+    s.start_recording(sid="r1", login="u", mode="interactive", command="", term="xterm", cols=80,
+                      rows=24, started=time.time(), wrapper_pid=1, wrapper_start=1)
+    chunk = b"\x00" * 20_000
+    stored = [s.put_chunk("r1", seq, chunk, len(chunk)) for seq in range(1, 40)]
+    assert stored[0] and not stored[-1]  # the cap bit
+    rec = s.recording("r1")
+    assert rec["dropped_bytes"] == stored.count(False) * len(chunk)
+    s.append(login("after-the-flood"))  # events still fit
+    assert s.query(login="after-the-flood")
