@@ -189,11 +189,14 @@ def record(cfg, call: PamCall) -> None:
             spool.append(login, start, extra_sql=bookkeeping)
         elif call.type == "close_session":
             row = _wait_for_start(spool, call)
-            end = events.new("session.end", at=call.now, login=call.user,
+            # Each call's time is taken when its detached child starts, and two children
+            # started a few ms apart may start in either order: an end never precedes its start.
+            at = max(call.now, row[1]) if row else call.now
+            end = events.new("session.end", at=at, login=call.user,
                              sid=row[0] if row else call.sid(spool.server_id),
                              **{"addr.remote": call.addr})
             if row:
-                end["duration"] = round(max(call.now - row[1], 0.0), 6)
+                end["duration"] = round(at - row[1], 6)
             else:
                 end["message"] = "session start was not recorded"
             spool.append(end, extra_sql=lambda db: db.execute(

@@ -28,7 +28,8 @@ def cfg_path(tmp_path):
     return p
 
 
-def run_hook(cfg_path, pam_type, *, user="alice", env=None, timeout=20, fail_closed=False):
+def run_hook(cfg_path, pam_type, *, user="alice", env=None, timeout=20, fail_closed=False,
+             capture=True):
     base = {"PAM_TYPE": pam_type, "PAM_USER": user, "PAM_SERVICE": "sshd", "PAM_TTY": "ssh",
             "PAM_RHOST": "127.0.0.1", "SSH_CONNECTION": "127.0.0.1 50500 127.0.0.1 22"}
     if pam_type in ("open_session", "close_session"):
@@ -36,7 +37,10 @@ def run_hook(cfg_path, pam_type, *, user="alice", env=None, timeout=20, fail_clo
     base.update(env or {})
     base = {k: v for k, v in base.items() if v is not None}
     argv = hook.command(sys.executable, cfg_path, fail_closed=fail_closed)
-    return subprocess.run(argv, env=base, capture_output=True, text=True, timeout=timeout,
+    # capture=False: output to /dev/null, as pam_exec gives it; a captured pipe would keep us
+    # waiting for the detached child too, which holds it until it is done.
+    out = subprocess.PIPE if capture else subprocess.DEVNULL
+    return subprocess.run(argv, env=base, stdout=out, stderr=out, text=True, timeout=timeout,
                           cwd="/")
 
 
@@ -90,12 +94,14 @@ def wait_spooled_attempts(cfg_path, n, timeout=10):
 def test_sid_is_shared_even_when_close_is_written_first(cfg_path):
     # Open and close are written by detached children; a very short session can have its close
     # child reach the spool first. Both derive the sid from the same sshd process.
-    run_hook(cfg_path, "close_session")
-    run_hook(cfg_path, "open_session")
+    run_hook(cfg_path, "close_session", capture=False)
+    run_hook(cfg_path, "open_session", capture=False)
     evs = wait_spooled(cfg_path, 3)
     (start,) = [e for e in evs if e["event"] == "session.start"]
     (end,) = [e for e in evs if e["event"] == "session.end"]
     assert start["sid"] == end["sid"]
+    assert end["time"] >= start["time"] and end["duration"] >= 0  # never ends before it starts
+    assert [e["event"] for e in evs] == ["user.login", "session.start", "session.end"]
 
 
 def test_fail_closed_writes_before_returning(cfg_path):
