@@ -30,7 +30,8 @@ class AgentClient:
         self.t0 = time.monotonic()
         self.sid: str | None = None
         self.sock = None
-        self.refused: str | None = None
+        self.refused: str | None = None  # the agent said no, and why
+        self.error: str | None = None  # the agent could not be reached, and why
         self.lost_agent = False  # connected once, then lost
         self._pending: list = []
         self._pending_bytes = 0

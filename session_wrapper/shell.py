@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg["agent.socket"], hello, batch_s=cfg["recording.batch_ms"] / 1000,
         batch_bytes=cfg["recording.batch_bytes"], buffer_bytes=cfg["recording.buffer_bytes"])
     if not client.connect():
-        why = client.refused or getattr(client, "error", "unknown error")
+        why = client.refused or client.error
         if strict:
             print(f"sshtrail: this session must be recorded, and the recorder is not available "
                   f"({why}). Try again later, or ask your administrator.", file=sys.stderr)

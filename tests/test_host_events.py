@@ -70,17 +70,16 @@ def test_commands_files_and_connects_of_a_session(trail, listener):
 
 
 @needs_bcc
-def test_background_jobs_that_outlive_the_session_stay_attributed(trail, tmp_path):
+def test_background_jobs_that_outlive_the_session_stay_attributed(trail):
     user = trail.lab.add_user("bg")
     r = trail.lab.ssh(user, "nohup sh -c 'sleep 1; cat /etc/passwd' >/dev/null 2>&1 & "
                             "setsid sh -c '(sleep 1; cat /etc/group) &' >/dev/null 2>&1; exit 0")
     assert r.returncode == 0
     sid = session_sid(trail, user.login)
-    disk = events_of(trail, sid, "session.disk", n=2, timeout=20)
-    time.sleep(2.5)
-    disk = [d for d in trail.events(type="session.disk") if d.get("sid") == sid]
-    paths = {d["path"] for d in disk}
-    assert "/etc/passwd" in paths and "/etc/group" in paths
+    # Both jobs open their file a second after the session has ended.
+    trail.wait_for(lambda evs: {"/etc/passwd", "/etc/group"} <= {d["path"] for d in evs
+                                                                 if d.get("sid") == sid},
+                   type="session.disk", what="the background jobs' opens", timeout=20)
 
 
 @needs_bcc
