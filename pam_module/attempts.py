@@ -32,6 +32,19 @@ def grant(db, conn: str, *, at: float) -> None:
     db.execute("INSERT INTO pam_granted (conn, time) VALUES (?, ?)", (conn, at))
 
 
+# The detached, niced hook stamps an attempt when it runs, which on a busy host can be after
+# sshd's log told the connection's end: such late attempts are resolved for this long after.
+LATE_WRITER_SLACK = 30.0
+
+
+def conclude(db, conn: str, *, at: float) -> None:
+    """sshd's log has told how this connection ended: an attempt of it that the hook writes
+    only now is resolved, like one written after a grant. (A new connection from the same
+    source port within LATE_WRITER_SLACK is still told by the log; only an attempt of it that
+    the log does not explain would go unreported.)"""
+    db.execute("INSERT INTO pam_granted (conn, time) VALUES (?, ?)", (conn, at + LATE_WRITER_SLACK))
+
+
 def conn_key(addr: str, port: int | None) -> str:
     """The key the hook uses for an sshd connection (from SSH_CONNECTION: 'ADDR PORT')."""
     return f"{addr} {port}"
@@ -45,9 +58,11 @@ def consume(db, conn: str, *, everything: bool) -> int:
                       "WHERE conn = ?)", (conn,)).rowcount
 
 
-def reap(spool, *, grace: float, now: float | None = None) -> list[dict]:
+def reap(spool, *, grace: float, now: float | None = None, skip: set[str] = frozenset()
+         ) -> list[dict]:
     """Report attempts whose process has been gone for `grace` seconds (or that are older than
-    MAX_AGE) as refusals, one per connection, and delete them. Returns the events written."""
+    MAX_AGE) as refusals, one per connection, and delete them. Returns the events written.
+    `skip`: connections sshd's log is still telling (its account of them wins)."""
     now = time.time() if now is None else now
     with spool.transaction() as db:
         # Written after the grant that covers it (detached writers race): resolved, not refused.
@@ -58,7 +73,7 @@ def reap(spool, *, grace: float, now: float | None = None) -> list[dict]:
     stale: dict[str, list] = {}
     for row in rows:
         _, conn, _, _, _, pid, _, started = row
-        if now - started >= MAX_AGE or not procfs.alive(pid):
+        if now - started >= MAX_AGE or (conn not in skip and not procfs.alive(pid)):
             stale.setdefault(conn, []).append(row)
     written = []
     for conn, group in stale.items():

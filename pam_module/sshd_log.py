@@ -296,6 +296,11 @@ class ConnectionTracker:
         self._seq = 0
         self._notes_swept = float("-inf")
 
+    def open_connections(self) -> set[str]:
+        """Connections whose end the log has not told yet, as attempts.conn_key makes them:
+        their refusals are still to come, so their PAM attempts must not be reported alone."""
+        return {f"{c.addr} {c.port}" for c in self._conns.values() if c.port}
+
     def __len__(self) -> int:
         """Connections and notes currently held in memory."""
         return len(self._conns) + len(self._notes)
