@@ -21,7 +21,9 @@ from .errors import SshtrailError
 COMMON = {"event": str, "code": str, "uid": str, "time": str,
           "server_id": str, "server_hostname": str}
 # Allowed on any event; checked for type when present.
-OPTIONAL = {"sid": str, "login": str, "addr.remote": str, "message": str}
+OPTIONAL = {"sid": str, "login": str, "addr.remote": str, "message": str,
+            # The host's hash chain, set by the spool as it stores the event (sshtrail.batch).
+            "seq": int, "prev_hash": str}
 
 
 class EventType:
@@ -59,6 +61,9 @@ TYPES: dict[str, EventType] = {
     "ebpf.lost": EventType("ST9003W", {"count": int}, "the tracer lost events"),
     "spool.dropped": EventType("ST9100W", {"count": int, "reason": str},
                                "events the spool had to drop, and why"),
+    "upload.rejected": EventType("ST9200W", {"count": int, "reason": str, "first_seq": int,
+                                             "last_seq": int},
+                                 "events the collector refused as malformed, set aside"),
 }
 FAILURE_CODES = {"user.login": "T1000W"}
 

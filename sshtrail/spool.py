@@ -20,9 +20,12 @@ import time
 from contextlib import contextmanager
 
 from . import events
+from .chain import GENESIS, link_hash
 from .errors import SshtrailError
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
+# What `seq` and `prev_hash` add to a stored body, counted against the cap before they exist.
+_CHAIN_FIELDS_BYTES = 100
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -34,7 +37,7 @@ CREATE TABLE IF NOT EXISTS events (
     body TEXT NOT NULL,
     claim TEXT,
     claimed_at REAL,
-    sent INTEGER NOT NULL DEFAULT 0
+    sent INTEGER NOT NULL DEFAULT 0  -- 0 waiting, 1 delivered, 2 refused by the collector
 );
 CREATE INDEX IF NOT EXISTS events_unsent ON events (sent, seq);
 CREATE INDEX IF NOT EXISTS events_time ON events (time);
@@ -44,7 +47,8 @@ CREATE TABLE IF NOT EXISTS pam_attempts (
     id INTEGER PRIMARY KEY, conn TEXT NOT NULL, login TEXT NOT NULL, service TEXT NOT NULL,
     stage TEXT NOT NULL, pid INTEGER NOT NULL, addr TEXT NOT NULL, time REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS pam_attempts_conn ON pam_attempts (conn);
--- Connections granted a session; an attempt written after its grant is resolved by it.
+-- Connections granted a session, or whose end sshd's log told: an attempt written after
+-- that is resolved by it.
 CREATE TABLE IF NOT EXISTS pam_granted (conn TEXT NOT NULL, time REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS pam_granted_conn ON pam_granted (conn);
 -- Session recordings: one row each, and their chunks (wire frames as the wrapper sent them).
@@ -54,9 +58,13 @@ CREATE TABLE IF NOT EXISTS recordings (
     ended REAL, end_reason TEXT, exit_status INTEGER, wrapper_pid INTEGER NOT NULL,
     wrapper_start INTEGER NOT NULL, bytes_out INTEGER NOT NULL DEFAULT 0,
     stored_bytes INTEGER NOT NULL DEFAULT 0, chunks INTEGER NOT NULL DEFAULT 0,
-    dropped_bytes INTEGER NOT NULL DEFAULT 0);
+    dropped_bytes INTEGER NOT NULL DEFAULT 0,
+    -- bumped by every change; the uploader sends the row again until synced catches up
+    version INTEGER NOT NULL DEFAULT 1, synced INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS recording_chunks (
-    sid TEXT NOT NULL, seq INTEGER NOT NULL, data BLOB NOT NULL, PRIMARY KEY (sid, seq));
+    sid TEXT NOT NULL, seq INTEGER NOT NULL, data BLOB NOT NULL,
+    sent INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (sid, seq));
+CREATE INDEX IF NOT EXISTS recording_chunks_unsent ON recording_chunks (sent);
 -- Open PAM sessions, so close_session can tell the duration.
 CREATE TABLE IF NOT EXISTS pam_sessions (
     conn TEXT NOT NULL, pid INTEGER NOT NULL, sid TEXT NOT NULL, login TEXT NOT NULL,
@@ -73,11 +81,17 @@ class SpoolFull(SpoolError):
 
 
 class Batch:
-    """A claimed batch: ack or release it by `id`."""
-    __slots__ = ("id", "events")
+    """A claimed batch: the events' stored bodies, exactly as they were chained, in seq order.
+    Ack, release or reject it by `id`."""
+    __slots__ = ("id", "bodies", "first_seq", "last_seq")
 
-    def __init__(self, id: str, events: list[dict]):
-        self.id, self.events = id, events
+    def __init__(self, id: str, bodies: list[str], first_seq: int, last_seq: int):
+        self.id, self.bodies, self.first_seq, self.last_seq = id, bodies, first_seq, last_seq
+
+    @property
+    def events(self) -> list[dict]:
+        import json
+        return [json.loads(b) for b in self.bodies]
 
 
 class Spool:
@@ -108,9 +122,7 @@ class Spool:
                 os.umask(old)
             db.execute(f"PRAGMA synchronous={'NORMAL' if synchronous == 'NORMAL' else 'FULL'}")
             if db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
-                # IF NOT EXISTS: two first writers may both get here; the second is a no-op.
-                db.executescript("BEGIN IMMEDIATE;" + SCHEMA
-                                 + f"PRAGMA user_version={SCHEMA_VERSION};COMMIT;")
+                _migrate(db)
             return db
         except (OSError, sqlite3.Error) as e:
             raise SpoolError(f"spool {self.path}: cannot open: {e}") from None
@@ -127,27 +139,57 @@ class Spool:
 
     def append(self, *evs: dict, extra_sql=None) -> None:
         """Validate and store events in one transaction; all or none. `extra_sql(db)` runs in the
-        same transaction (e.g. to resolve a PAM attempt together with the event it became)."""
+        same transaction (e.g. to resolve a PAM attempt together with the event it became).
+        Each stored event gets the next `seq` and the previous event's hash (sshtrail.chain);
+        an event whose uid is already spooled is not stored again."""
         evs = [self._complete(ev) for ev in evs]
-        rows = [_row(ev) for ev in evs]
+        incoming = sum(len(events.to_json(ev)) + _CHAIN_FIELDS_BYTES for ev in evs)
         try:
             with _txn(self._db, immediate=True):
-                room = self._make_room(sum(len(r[-1]) for r in rows))
+                room = self._make_room(incoming)
                 if room:
-                    rows += [_row(self._complete(ev)) for ev in self._drained_drop_events()]
-                    self._db.executemany(
-                        "INSERT OR IGNORE INTO events (uid, time, event, login, sid, body) "
-                        "VALUES (?, ?, ?, ?, ?, ?)", rows)
+                    evs += [self._complete(ev) for ev in self._drained_drop_events()]
+                    self._insert_chained(evs)
                     if extra_sql:
                         extra_sql(self._db)
             if not room:
                 with _txn(self._db, immediate=True):
-                    self._count_drop(len(rows), "spool full (on_full = drop_new)")
+                    self._count_drop(len(evs), "spool full (on_full = drop_new)")
         except sqlite3.Error as e:
             raise SpoolError(f"spool {self.path}: write failed: {e}") from None
         if not room:
             raise SpoolFull(f"spool {self.path} is full ({self.max_bytes} bytes of undelivered "
-                            f"events); {len(rows)} event(s) dropped and counted")
+                            f"events); {len(evs)} event(s) dropped and counted")
+
+    def _insert_chained(self, evs: list[dict]) -> None:
+        seq, prev = self._chain_head()
+        seen = set()
+        rows = []
+        for ev in evs:
+            if ev["uid"] in seen or self._db.execute("SELECT 1 FROM events WHERE uid = ?",
+                                                     (ev["uid"],)).fetchone():
+                continue  # a retried write: the chain must not get a second link for it
+            seen.add(ev["uid"])
+            seq += 1
+            ev["seq"], ev["prev_hash"] = seq, prev
+            body = events.to_json(ev)
+            prev = link_hash(body)
+            rows.append((seq, ev["uid"], ev["time"], ev["event"], ev.get("login"), ev.get("sid"),
+                         body))
+        if rows:
+            self._db.executemany("INSERT INTO events (seq, uid, time, event, login, sid, body) "
+                                 "VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+            self._db.execute("INSERT OR REPLACE INTO state (key, value) VALUES ('chain', ?)",
+                             (f"{seq}:{prev}",))
+
+    def _chain_head(self) -> tuple[int, str]:
+        """(seq, hash) of the last event ever stored; kept in `state`, since that event may
+        have been delivered and pruned since."""
+        row = self._db.execute("SELECT value FROM state WHERE key = 'chain'").fetchone()
+        if row:
+            seq, _, h = row[0].partition(":")
+            return int(seq), h
+        return 0, GENESIS
 
     def _used_bytes(self) -> int:
         pages, free, size = (self._db.execute(f"PRAGMA {p}").fetchone()[0]
@@ -155,13 +197,15 @@ class Spool:
         return (pages - free) * size
 
     def _prune_delivered(self, incoming: int) -> bool:
-        """Make room by deleting delivered events, oldest first: they are only a local
-        convenience. True if `incoming` bytes now fit under max_bytes."""
-        while self._used_bytes() + incoming > self.max_bytes:
-            cur = self._db.execute("DELETE FROM events WHERE seq IN (SELECT seq FROM events "
-                                   "WHERE sent = 1 ORDER BY seq LIMIT 500)")
-            if cur.rowcount == 0:
-                break
+        """Make room by deleting delivered events and recording chunks, oldest first: they are
+        only a local convenience. True if `incoming` bytes now fit under max_bytes."""
+        for sql in ("DELETE FROM events WHERE seq IN (SELECT seq FROM events WHERE sent = 1 "
+                    "ORDER BY seq LIMIT 500)",
+                    "DELETE FROM recording_chunks WHERE rowid IN (SELECT rowid FROM "
+                    "recording_chunks WHERE sent = 1 LIMIT 64)"):
+            while self._used_bytes() + incoming > self.max_bytes:
+                if self._db.execute(sql).rowcount == 0:
+                    break
         return self._used_bytes() + incoming <= self.max_bytes
 
     def _make_room(self, incoming: int) -> bool:
@@ -196,22 +240,30 @@ class Spool:
 
     # -- the uploader's side ---------------------------------------------------------------
 
-    def claim(self, limit: int = 500, lease: float = 60.0) -> Batch | None:
-        """Claim up to `limit` undelivered events, oldest first. A claim not acknowledged within
-        `lease` seconds (the uploader died) is claimed again: at-least-once delivery."""
+    def claim(self, limit: int = 500, lease: float = 60.0, max_bytes: int | None = None
+              ) -> Batch | None:
+        """Claim up to `limit` undelivered events (and about `max_bytes` of bodies), oldest
+        first. A claim not acknowledged within `lease` seconds (the uploader died) is claimed
+        again: at-least-once delivery."""
         batch_id = events.new_uid()
         now = time.time()
         with _txn(self._db, immediate=True):
+            if max_bytes is not None:
+                # The first event always goes, so a huge one cannot stall the queue.
+                limit = self._db.execute(
+                    "SELECT count(*) FROM (SELECT sum(length(body)) OVER (ORDER BY seq) AS total "
+                    "FROM (SELECT seq, body FROM events WHERE sent = 0 AND (claim IS NULL OR "
+                    "claimed_at < ?) ORDER BY seq LIMIT ?)) WHERE total <= ?",
+                    (now - lease, limit, max_bytes)).fetchone()[0] or 1
             self._db.execute(
                 "UPDATE events SET claim = ?, claimed_at = ? WHERE seq IN (SELECT seq FROM events "
                 "WHERE sent = 0 AND (claim IS NULL OR claimed_at < ?) ORDER BY seq LIMIT ?)",
                 (batch_id, now, now - lease, limit))
-            bodies = self._db.execute("SELECT body FROM events WHERE claim = ? ORDER BY seq",
-                                      (batch_id,)).fetchall()
-        if not bodies:
+            rows = self._db.execute("SELECT seq, body FROM events WHERE claim = ? ORDER BY seq",
+                                    (batch_id,)).fetchall()
+        if not rows:
             return None
-        import json  # here and below, not at the top: the PAM hook's path needs no json
-        return Batch(batch_id, [json.loads(b) for (b,) in bodies])
+        return Batch(batch_id, [b for _, b in rows], rows[0][0], rows[-1][0])
 
     def ack(self, batch_id: str) -> int:
         """Mark a claimed batch delivered; returns how many events it held."""
@@ -222,6 +274,60 @@ class Spool:
     def release(self, batch_id: str) -> None:
         with _txn(self._db, immediate=True):
             self._db.execute("UPDATE events SET claim = NULL WHERE claim = ?", (batch_id,))
+
+    def release_all(self) -> int:
+        """Release every claim: for an uploader starting up, when it is the only one."""
+        with _txn(self._db, immediate=True):
+            return self._db.execute("UPDATE events SET claim = NULL WHERE claim IS NOT NULL "
+                                    "AND sent = 0").rowcount
+
+    def reject(self, batch: Batch, reason: str) -> None:
+        """Set aside a batch the collector refused as malformed (sent = 2, kept in the spool
+        for a person to look at), so it never blocks what follows; an upload.rejected event
+        says which seqs and why, and goes up with the next batch."""
+        with _txn(self._db, immediate=True):
+            n = self._db.execute("UPDATE events SET sent = 2, claim = NULL WHERE claim = ?",
+                                 (batch.id,)).rowcount
+            self._insert_chained([self._complete(events.new(
+                "upload.rejected", count=n, reason=reason[:500], first_seq=batch.first_seq,
+                last_seq=batch.last_seq))])
+
+    def backlog(self) -> dict:
+        """What waits for the collector: events (and the oldest one's time), rejected events,
+        recording chunks and their bytes."""
+        n, oldest = self._db.execute(
+            "SELECT count(*), min(time) FROM events WHERE sent = 0").fetchone()
+        rejected = self._db.execute("SELECT count(*) FROM events WHERE sent = 2").fetchone()[0]
+        chunks, chunk_bytes = self._db.execute(
+            "SELECT count(*), coalesce(sum(length(data)), 0) FROM recording_chunks "
+            "WHERE sent = 0").fetchone()
+        return {"events": n, "oldest": oldest, "rejected": rejected, "chunks": chunks,
+                "chunk_bytes": chunk_bytes}
+
+    # -- recordings, the uploader's side -----------------------------------------------------
+
+    def unsent_chunks(self, limit: int = 16) -> list[tuple[str, int, bytes]]:
+        """(sid, seq, data) of recording chunks not yet delivered, oldest recording first."""
+        return self._db.execute(
+            "SELECT c.sid, c.seq, c.data FROM recording_chunks c JOIN recordings r USING (sid) "
+            "WHERE c.sent = 0 ORDER BY r.started, c.seq LIMIT ?", (limit,)).fetchall()
+
+    def mark_chunk_sent(self, sid: str, seq: int) -> None:
+        with _txn(self._db, immediate=True):
+            self._db.execute("UPDATE recording_chunks SET sent = 1 WHERE sid = ? AND seq = ?",
+                             (sid, seq))
+
+    def unsynced_recordings(self, limit: int = 16) -> list[dict]:
+        """Recordings whose row changed since the collector last had it."""
+        cur = self._db.execute("SELECT * FROM recordings WHERE synced < version ORDER BY started "
+                               "LIMIT ?", (limit,))
+        names = [c[0] for c in cur.description]
+        return [dict(zip(names, row)) for row in cur.fetchall()]
+
+    def mark_recording_synced(self, sid: str, version: int) -> None:
+        with _txn(self._db, immediate=True):
+            self._db.execute("UPDATE recordings SET synced = max(synced, ?) WHERE sid = ?",
+                             (version, sid))
 
     # -- small durable state (log positions, PAM bookkeeping) --------------------------------
 
@@ -265,18 +371,20 @@ class Spool:
                 # Full: a session's output must not push out events not yet delivered (a user
                 # could flood the terminal to that end). Dropped, counted, reported at its end.
                 self._db.execute("UPDATE recordings SET bytes_out = bytes_out + ?, dropped_bytes "
-                                 "= dropped_bytes + ? WHERE sid = ?", (out_bytes, out_bytes, sid))
+                                 "= dropped_bytes + ?, version = version + 1 WHERE sid = ?",
+                                 (out_bytes, out_bytes, sid))
                 return False
             new = self._db.execute("INSERT OR IGNORE INTO recording_chunks (sid, seq, data) "
                                    "VALUES (?, ?, ?)", (sid, seq, data)).rowcount
             if new:
                 self._db.execute("UPDATE recordings SET bytes_out = bytes_out + ?, stored_bytes = "
-                                 "stored_bytes + ?, chunks = chunks + 1 WHERE sid = ?",
+                                 "stored_bytes + ?, chunks = chunks + 1, version = version + 1 "
+                                 "WHERE sid = ?",
                                  (out_bytes, len(data), sid))
         return bool(new)
 
     def end_recording(self, sid: str, *evs: dict, **fields) -> None:
-        sets = ", ".join(f"{k} = ?" for k in fields)
+        sets = ", ".join([f"{k} = ?" for k in fields] + ["version = version + 1"])
         self.append(*evs, extra_sql=lambda db: db.execute(
             f"UPDATE recordings SET {sets} WHERE sid = ?", (*fields.values(), sid)))
 
@@ -325,8 +433,45 @@ class Spool:
         return self._db.execute(sql, params).fetchone()[0]
 
 
-def _row(ev: dict) -> tuple:
-    return (ev["uid"], ev["time"], ev["event"], ev.get("login"), ev.get("sid"), events.to_json(ev))
+def _statements(script: str) -> list[str]:
+    # executescript would commit our transaction; comments may hold semicolons.
+    lines = [line.split("--", 1)[0] for line in script.splitlines()]
+    return [stmt for stmt in "\n".join(lines).split(";") if stmt.strip()]
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Create the schema, or bring a version 4 spool (before the hash chain) up to date. Two
+    first writers may both get here: the version is checked again under the write lock."""
+    db.execute("BEGIN IMMEDIATE")
+    try:
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        if version == 4:
+            for sql in ("ALTER TABLE recordings ADD COLUMN version INTEGER NOT NULL DEFAULT 1",
+                        "ALTER TABLE recordings ADD COLUMN synced INTEGER NOT NULL DEFAULT 0",
+                        "ALTER TABLE recording_chunks ADD COLUMN sent INTEGER NOT NULL DEFAULT 0"):
+                db.execute(sql)
+            # Events spooled before the chain existed join it now, in the order they came.
+            import json
+            prev, seq = GENESIS, 0
+            for seq, body in db.execute("SELECT seq, body FROM events ORDER BY seq").fetchall():
+                ev = json.loads(body)
+                ev["seq"], ev["prev_hash"] = seq, prev
+                body = events.to_json(ev)
+                prev = link_hash(body)
+                db.execute("UPDATE events SET body = ? WHERE seq = ?", (body, seq))
+            if seq:
+                db.execute("INSERT OR REPLACE INTO state (key, value) VALUES ('chain', ?)",
+                           (f"{seq}:{prev}",))
+        elif version not in (0, SCHEMA_VERSION):
+            raise SpoolError(f"spool schema version {version} is not one this sshtrail knows "
+                             f"({SCHEMA_VERSION}); was it written by a newer sshtrail?")
+        for stmt in _statements(SCHEMA):
+            db.execute(stmt)
+        db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        db.execute("COMMIT")
+    except BaseException:
+        db.execute("ROLLBACK")
+        raise
 
 
 @contextmanager
