@@ -4,7 +4,8 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := openssh-server openssh-client sshpass python3-venv python3-dev python3-bpfcc \
-                linux-headers-amd64 asciinema sqlite3 libpam-modules passwd procps rsync util-linux
+                linux-headers-amd64 asciinema sqlite3 libpam-modules passwd procps rsync util-linux \
+                postgresql
 KREL := $(shell uname -r)
 
 .PHONY: demo test setup system venv bench clean

@@ -128,3 +128,49 @@ def trail_factory(lab_factory):
     yield make
     for t in trails:
         t.close()
+
+
+# -- collector stores (tests/test_store.py) -------------------------------------------------
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A private PostgreSQL server (tests/pg.py) for the whole run; stopped and removed after."""
+    import pg
+    try:
+        pg.bin_dir()
+    except RuntimeError as e:
+        # `make test` installs PostgreSQL: its absence is a broken setup, not a reason to skip.
+        pytest.fail(str(e))
+    server = pg.PgServer.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_url(postgres_server) -> str:
+    """URL of a database on the private server, shared by the whole run."""
+    return postgres_server.url
+
+
+@pytest.fixture
+def postgres_db(postgres_server) -> str:
+    """URL of a new empty database, dropped after the test."""
+    name = "t_" + secrets.token_hex(6)
+    url = postgres_server.create_database(name)
+    yield url
+    postgres_server.drop_database(name)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store(request, tmp_path: Path):
+    """A fresh, empty collector store of each backend; closed after the test."""
+    if request.param == "sqlite":
+        from collector.store_sqlite import SqliteStore
+        s = SqliteStore(tmp_path / "store.db")
+    else:
+        from collector.store_postgres import PostgresStore
+        s = PostgresStore(request.getfixturevalue("postgres_db"))
+    yield s
+    s.close()
