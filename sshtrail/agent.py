@@ -3,7 +3,8 @@
 It hosts the sshd-log watcher (refusals into `user.login` failures, and the reaping of PAM
 attempts nothing else explained), the session socket where wrappers deliver recordings
 (sshtrail.session_server), and the eBPF tracer that follows each recorded session's processes
-(sshtrail.host_events). A later issue adds the uploader here. Logs go to stderr (journald picks them up); it stops
+(sshtrail.host_events), and the uploader that ships the spool to the collector
+(sshtrail.uploader). Logs go to stderr (journald picks them up); it stops
 cleanly on SIGTERM/SIGINT after writing what it has read.
 
 The log position is saved in the spool in the same transaction as the events it produced, so a
@@ -78,6 +79,8 @@ class LogWatcher:
             def bookkeeping(db):
                 for conn, everything in resolutions:
                     attempts.consume(db, conn, everything=everything)
+                    if everything:
+                        attempts.conclude(db, conn, at=now)
                 db.execute("INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)",
                            (_POSITION_KEY, events.to_json(position)))
             if evs:
@@ -89,7 +92,8 @@ class LogWatcher:
         if now - self._last_reap >= min(REAP_EVERY, self.grace) and not lines:
             # Only once caught up with the log, so sshd's own account of an attempt wins.
             self._last_reap = now
-            written += len(attempts.reap(self.spool, grace=self.grace, now=now))
+            written += len(attempts.reap(self.spool, grace=self.grace, now=now,
+                                         skip=self.tracker.open_connections()))
         return written
 
 
@@ -117,6 +121,11 @@ def run(cfg, stop: threading.Event | None = None) -> int:
     spool.append(events.new("agent.start", message=message))
     log.info("agent started; spool %s; sshd log %s; sessions on %s", cfg["spool.path"],
              cfg["sshd_log.path"], cfg["agent.socket"])
+    # The uploader (sshtrail.uploader): its own thread and spool connection.
+    # Started even before enrollment: it idles until `sshtrail enroll` has run.
+    from sshtrail import uploader
+    upload_stop = threading.Event()
+    upload_thread = uploader.start(cfg, upload_stop)
     try:
         while not stop.is_set():
             try:
@@ -127,6 +136,9 @@ def run(cfg, stop: threading.Event | None = None) -> int:
                 stop.wait(1.0)
         watcher.step(final=True)  # what was already in the log, and what the tracker held
     finally:
+        # uploader: finish the request in flight (a killed one is re-sent after its lease)
+        upload_stop.set()
+        upload_thread.join(cfg["upload.timeout"] + 5)
         sessions.stop()
         hosts.stop()
         spool.append(events.new("agent.stop"))
