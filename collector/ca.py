@@ -277,7 +277,7 @@ def issue_token(store, ca: CA, ttl: float, server_id: str | None = None, *,
     if not ttl > 0:
         raise CAError(f"token lifetime {ttl!r} seconds: give a positive number")
     now = time.time() if now is None else now
-    secret = secrets.token_urlsafe(24)
+    secret = "st" + secrets.token_urlsafe(24)  # never starts with "-", which a CLI would take for an option
     store.add_enroll_token(_hash_secret(secret), now + ttl, server_id)
     return f"{secret}.{ca.fingerprint}"
 
@@ -329,7 +329,7 @@ def issue_reader_token(store, name: str, *, now: float | None = None) -> str:
     """A bearer token for auditor `name` to read with; shown once, stored as sha256 only."""
     if not isinstance(name, str) or not name.strip() or len(name) > 128 or not name.isprintable():
         raise CAError(f"reader name {name!r}: give 1-128 printable characters")
-    secret = secrets.token_urlsafe(32)
+    secret = "st" + secrets.token_urlsafe(32)
     store.add_reader(_hash_secret(secret), name, time.time() if now is None else now)
     return secret
 

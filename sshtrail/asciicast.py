@@ -305,3 +305,27 @@ def read(fileobj: Iterable[bytes | str]) -> tuple[dict[str, Any], Iterator[Event
         raise AsciicastError("line 1: missing header (blank line)")
     _check_header(header)
     return header, _events(lines)
+
+
+def write_session(fileobj: IO[bytes], meta: dict, frames: Iterable[tuple[float, bytes, bytes]]
+                  ) -> None:
+    """A recorded session as asciicast v2: `meta` is a recording's row (login, sid, term, cols,
+    rows, started, command), `frames` its (t, kind, data) frames in order. Frames come from a
+    host, so a time that goes backwards is held at the previous one instead of failing."""
+    cols, rows = meta.get("cols"), meta.get("rows")
+    if not (_positive_int(cols) and _positive_int(rows)):
+        cols, rows = 80, 24
+    env = {"TERM": meta["term"]} if isinstance(meta.get("term"), str) and meta["term"] else None
+    started = meta.get("started")
+    with Writer(fileobj, width=cols, height=rows,
+                timestamp=int(started) if _is_number(started) else None, env=env,
+                command=meta.get("command") or None,
+                title=f"{meta.get('login', '?')} {meta.get('sid', '')}".strip()) as w:
+        last = 0.0
+        for t, kind, data in frames:
+            last = max(last, t)
+            if kind == b"r":
+                data = data.decode(errors="replace")
+                if not _valid_size(data):
+                    continue
+            w.write(last, kind.decode(), data)

@@ -13,10 +13,10 @@ import sys
 import time
 from pathlib import Path
 
-from sshtrail import config, events
+from sshtrail import cli_remote, config, events
 from sshtrail.errors import SshtrailError
 
-EXAMPLES = """examples:
+EXAMPLES = """examples (see also `sshtrail collector --help`):
   sshtrail install                          hook sshd (PAM service 'sshd', /etc/ssh/sshd_config)
   sshtrail install --pam-service sshd-lab --sshd-config /srv/lab/sshd_config --config /srv/lab/sshtrail.toml
   sshtrail events --since 10m               what happened in the last ten minutes
@@ -99,12 +99,19 @@ def _columns(rows: list[tuple]) -> str:
 # -- subcommands ----------------------------------------------------------------------------
 
 def cmd_events(args, cfg) -> int:
-    spool = _open_spool(cfg)
-    try:
-        evs = spool.query(kind=args.type, login=args.user,
-                          since=parse_since(args.since) if args.since else None, limit=args.limit)
-    finally:
-        spool.close()
+    since = parse_since(args.since) if args.since else None
+    if args.collector:
+        evs = cli_remote.reader(args, cfg).events(
+            type=args.type, user=args.user, host=args.host, sid=args.sid, q=args.text,
+            since=events.format_time(since) if since is not None else None, limit=args.limit)
+    else:
+        if args.host or args.sid or args.text:
+            raise CliError("--host, --sid and --text search a collector: add --collector URL")
+        spool = _open_spool(cfg)
+        try:
+            evs = spool.query(kind=args.type, login=args.user, since=since, limit=args.limit)
+        finally:
+            spool.close()
     if args.json:
         for ev in evs:
             print(events.to_json(ev))
@@ -144,11 +151,16 @@ def _note(message: str) -> None:
 
 
 def cmd_sessions(args, cfg) -> int:
-    spool = _open_spool(cfg)
-    try:
-        rows = spool.recordings()
-    finally:
-        spool.close()
+    if args.collector:
+        rows = [{**r["meta"], "server_id": r["server_id"]}
+                for r in cli_remote.reader(args, cfg).sessions()]
+        rows = [r for r in rows if "started" in r and "login" in r]
+    else:
+        spool = _open_spool(cfg)
+        try:
+            rows = spool.recordings()
+        finally:
+            spool.close()
     if args.json:
         for r in rows:
             print(events.to_json(_session_summary(r)))
@@ -164,12 +176,14 @@ def cmd_sessions(args, cfg) -> int:
 
 
 def _session_summary(r: dict) -> dict:
-    return {"sid": r["sid"], "login": r["login"], "mode": r["mode"], "command": r["command"],
+    g = r.get
+    return {"sid": r["sid"], "login": r["login"], "mode": g("mode"), "command": g("command"),
             "start": events.format_time(r["started"]),
-            "duration": round(r["ended"] - r["started"], 3) if r["ended"] else None,
-            "bytes_out": r["bytes_out"], "stored_bytes": r["stored_bytes"],
-            "exit_status": r["exit_status"], "end_reason": r["end_reason"],
-            "size": f"{r['cols']}x{r['rows']}"}
+            "duration": round(r["ended"] - r["started"], 3) if g("ended") else None,
+            "bytes_out": g("bytes_out", 0), "stored_bytes": g("stored_bytes", 0),
+            "exit_status": g("exit_status"), "end_reason": g("end_reason"),
+            "size": f"{g('cols')}x{g('rows')}",
+            **({"server_id": r["server_id"]} if "server_id" in r else {})}
 
 
 def _open_spool(cfg):
@@ -186,31 +200,33 @@ def export_asciicast(spool, sid: str, out) -> None:
     rec = spool.recording(sid)
     if rec is None:
         raise CliError(f"no recording {sid!r} in the spool; `sshtrail sessions` lists them")
-    env = {"TERM": rec["term"]} if rec["term"] else None
-    cols, rows = (rec["cols"], rec["rows"]) if rec["cols"] and rec["rows"] else (80, 24)
-    with asciicast.Writer(out, width=cols, height=rows, timestamp=int(rec["started"]), env=env,
-                          command=rec["command"] or None, title=f"{rec['login']} {sid}") as w:
-        for t, kind, data in spool.frames(sid):
-            w.write(t, kind.decode(), data if kind != b"r" else data.decode())
+    asciicast.write_session(out, rec, spool.frames(sid))
 
 
 def cmd_export(args, cfg) -> int:
-    spool = _open_spool(cfg)
+    if args.collector:
+        data = cli_remote.reader(args, cfg).recording(args.sid, args.host)
+        write = lambda f: f.write(data)  # noqa: E731
+        spool = None
+    else:
+        spool = _open_spool(cfg)
+        write = lambda f: export_asciicast(spool, args.sid, f)  # noqa: E731
     try:
         if args.output in (None, "-"):
-            export_asciicast(spool, args.sid, sys.stdout.buffer)
+            write(sys.stdout.buffer)
             return 0
         # Written beside the target and renamed: a failed export leaves no half file.
         tmp = f"{args.output}.part-{os.getpid()}"
         try:
             with open(tmp, "wb") as f:
-                export_asciicast(spool, args.sid, f)
+                write(f)
             os.replace(tmp, args.output)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
     finally:
-        spool.close()
+        if spool is not None:
+            spool.close()
     return 0
 
 
@@ -273,14 +289,23 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--since", help="only newer than this: 10m, 2h, 3d or an RFC 3339 time")
     sp.add_argument("--limit", type=int, help="at most this many")
     sp.add_argument("--json", action="store_true", help="one JSON object a line")
+    sp.add_argument("--host", help="only this host (server_id or hostname; with --collector)")
+    sp.add_argument("--sid", help="only this session (with --collector)")
+    sp.add_argument("--text", metavar="TEXT",
+                    help="text in a command line or opened path (with --collector)")
+    cli_remote.add_collector_options(sp)
     sp = add("sessions", cmd_sessions, "list recorded sessions (a table, or JSON lines)")
     sp.add_argument("--json", action="store_true", help="one JSON object a line")
+    cli_remote.add_collector_options(sp)
     sp = add("export", cmd_export, "write a session's recording in a standard format")
     sp.add_argument("sid", help="the session id (see `sshtrail sessions`)")
     sp.add_argument("--format", choices=["asciicast"], default="asciicast",
                     help="asciicast v2: plays in any asciinema player (default)")
     sp.add_argument("--output", "-o", metavar="FILE", help="write here instead of stdout")
+    sp.add_argument("--host", help="the host, where two share a session id (with --collector)")
+    cli_remote.add_collector_options(sp)
     add("agent", cmd_agent, "run the host daemon (log watcher, session recorder) in the foreground")
+    cli_remote.add_parsers(sub, add, common)
     sp = add("config", cmd_config, "check the config file, or print every key with its default")
     sp.add_argument("--defaults", action="store_true", help="print the documented default file")
     return p

@@ -87,6 +87,37 @@ DEFAULTS: tuple[Key, ...] = (
         "for writing always are. Keep anything under /etc (but the loader's cache) and /home "
         "out of it."),
     Key("ebpf.max_args", 128, "Arguments kept per exec; more are cut and the event says so."),
+    # -- this host's link to the collector (sshtrail enroll, the agent's uploader) --------------
+    Key("upload.url", "",
+        "The collector's URL, e.g. https://collector.example:8443. Empty: nothing is uploaded "
+        "and events stay in the spool. Set by `sshtrail enroll`."),
+    Key("upload.identity_dir", "/var/lib/sshtrail/identity",
+        "This host's key (made here, never sent anywhere), its certificate and the collector's "
+        "CA certificate, written by `sshtrail enroll`. Root-only."),
+    Key("upload.batch_events", 2000, "Most events in one upload."),
+    Key("upload.batch_bytes", 4 << 20, "About the most bytes of events in one upload."),
+    Key("upload.idle_interval", 0.5, "Seconds between looks at the spool when nothing waits."),
+    Key("upload.backoff_max", 60.0,
+        "Longest wait, in seconds, between retries while the collector is unreachable or failing "
+        "(exponential backoff with jitter, from a quarter second)."),
+    Key("upload.timeout", 30.0, "Seconds one upload may take before it is retried."),
+    # -- the collector service (sshtrail collector ...) ------------------------------------------
+    Key("collector.listen", "0.0.0.0:8443", "Address and port the collector serves HTTPS on."),
+    Key("collector.dir", "/var/lib/sshtrail/collector",
+        "The collector's own files: its CA and server certificate (sshtrail collector init), "
+        "recordings, and the SQLite store."),
+    Key("collector.database", "",
+        "Empty: the embedded SQLite store in collector.dir. Or a PostgreSQL URL "
+        "(postgresql://user@host/db), which several collector processes may share."),
+    Key("collector.blob_dir", "",
+        "Where recordings are kept (zstd-compressed). Empty: collector.dir/recordings. "
+        "Collectors sharing a PostgreSQL database must share this directory too."),
+    Key("collector.names", ["localhost", "127.0.0.1"],
+        "Host names and addresses the collector's server certificate is made for (init)."),
+    Key("collector.cert_days", 365, "Lifetime of a host certificate issued at enrollment, in days."),
+    Key("collector.token_ttl", 3600.0, "Seconds an enrollment token stays valid (single use)."),
+    Key("collector.max_batch_bytes", 8 << 20,
+        "Largest upload the collector takes; bigger ones get 413 and nothing of them is stored."),
 )
 _BY_NAME = {k.name: k for k in DEFAULTS}
 

@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
-"""`make demo`: a lab sshd on 127.0.0.1 with sshtrail installed, a few real logins through the
-real OpenSSH client and a recorded interactive session, and what they left, shown back. Everything it creates (sshd, PAM
-service file, users) is removed at the end; the host's own sshd is never touched."""
+"""`make demo`: a collector on 127.0.0.1 (SQLite, no setup), a lab sshd on 127.0.0.1 with sshtrail
+installed and enrolled with that collector, a few real logins through the real OpenSSH client
+and a recorded interactive session, and what they left, shown back from the host's spool and
+from the collector. Everything it creates (collector, sshd, PAM service file, users) is removed
+at the end; the host's own sshd is never touched."""
 import re
 import sys
 import tempfile
@@ -10,6 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from collector_proc import CollectorProc, enroll_trail  # noqa: E402
 from lab import Lab  # noqa: E402
 from terminal import PROMPT, Terminal, shell_user  # noqa: E402
 from trail import Trail  # noqa: E402
@@ -27,7 +30,13 @@ def main() -> int:
             say("sshtrail install")
             print(trail.install().stdout.rstrip())
             trail.start_agent()
+            say("sshtrail collector init && sshtrail collector serve  (a central collector)")
+            collector = CollectorProc().start()
+            print(f"  collector on {collector.url}")
             try:
+                say("sshtrail collector enroll-token, then on the host: sshtrail enroll --collector URL --token T")
+                enroll_trail(trail, collector)
+                print("  " + trail.cli("status").stdout.replace("\n", "\n  ").rstrip())
                 alice = lab.add_user("alice", "alice-demo-pw")
                 steps = [
                     ("alice logs in with her key and runs `id -un`", lambda: lab.ssh(alice, "id -un")),
@@ -75,10 +84,24 @@ def main() -> int:
                 say(f"sshtrail export {sid} --format asciicast  (first lines; plays in asciinema)")
                 cast = trail.cli("export", sid).stdout.splitlines()
                 print("\n".join(cast[:12]) + (f"\n  ... {len(cast) - 12} more lines" if len(cast) > 12 else ""))
+                say("at the collector: sshtrail events --collector URL --user bob (reader token)")
+                collector.wait_for(lambda evs: any(e["event"] == "session.recording" for e in evs),
+                                   user=bob.login, what="bob's session at the collector")
+                token = Path(d) / "reader.token"
+                token.write_text(collector.reader_token)
+                remote = ["--collector", collector.url, "--token-file", str(token), "--ca",
+                          str(collector.ca_file)]
+                print(trail.cli("events", "--user", bob.login, "--type", "session.start", *remote).stdout.rstrip())
+                print(trail.cli("events", "--user", bob.login, "--type", "session.recording", *remote).stdout.splitlines()[-1])
+                say("sshtrail sessions --collector URL")
+                print(trail.cli("sessions", *remote).stdout.rstrip())
+                say("sshtrail verify  (on the collector: sequence, hash chain, batch signatures)")
+                print(collector.verify().stdout.rstrip())
             finally:
+                collector.close()
                 trail.uninstall()
                 trail.close()
-    say("done: lab sshd stopped, users and PAM service removed")
+    say("done: collector and lab sshd stopped, users and PAM service removed")
     return 0
 
 

@@ -46,7 +46,10 @@ class Trail:
                 "pam": ["attempt_grace = 1.0"],
                 # Off unless a test is about it: BCC takes seconds to load the probes.
                 "ebpf": ["enabled = false"],
-                "install": [f'state_dir = "{self.dir / "state"}"']}
+                "install": [f'state_dir = "{self.dir / "state"}"'],
+                # Nothing is uploaded until a test enrolls this host with a collector.
+                "upload": [f'identity_dir = "{self.dir / "identity"}"', "idle_interval = 0.1",
+                           "backoff_max = 1.0"]}
         top = ['server_id = "lab-host"']
         section = None
         for line in extra.splitlines():
