@@ -168,13 +168,13 @@ class SimHost:
 
     def drain(self, timeout: float = 60.0) -> None:
         """Upload until the spool has nothing waiting."""
-        u = self.uploader()
+        u = self.uploader()  # its spool connection is opened in this thread: drain() may run in any
         deadline = time.monotonic() + timeout
         try:
-            while self.spool.backlog()["events"] or self.spool.backlog()["chunks"]:
+            while u.spool.backlog()["events"] or u.spool.backlog()["chunks"]:
                 if time.monotonic() > deadline:
                     raise AssertionError(f"{self.server_id}: upload did not finish: "
-                                         f"{self.spool.backlog()}")
+                                         f"{u.spool.backlog()}")
                 if not u.step():
                     time.sleep(max(u.wait, 0.01))
         finally:

@@ -327,3 +327,58 @@ def test_verify_reports_a_gap_in_what_a_host_sent(collector, host):
                     sign_with=key).status_code == 200
     r = collector.verify()
     assert r.returncode == 1 and "seq 3-4 (2 events) missing" in r.stdout
+
+
+def test_two_collectors_sharing_postgresql_take_uploads_from_several_hosts(tmp_path,
+                                                                           postgres_db):
+    import shutil
+    import threading
+    blobs = tmp_path / "recordings"
+    c1 = CollectorProc(database=postgres_db, blob_dir=blobs)
+    c2 = CollectorProc(database=postgres_db, blob_dir=blobs, init=False)
+    shutil.copytree(c1.dir / "state", c2.dir / "state")  # one CA, one service
+    hosts = []
+    try:
+        c1.start()
+        c2.start()
+        hosts = [SimHost(tmp_path / f"h{i}", c1, f"pg-host-{i}", url=(c1, c2)[i % 2].url)
+                 for i in range(4)]
+        sent = {}
+        for h in hosts:
+            h.enroll((c1, c2)[len(sent) % 2])  # tokens and hosts live in the shared database
+            sent[h.server_id] = h.add_logins(2500)
+        errors = []
+
+        def drain(h):
+            try:
+                h.drain(timeout=120)
+            except Exception as e:  # noqa: BLE001 - reported below
+                errors.append(e)
+        threads = [threading.Thread(target=drain, args=(h,)) for h in hosts]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        for h in hosts:
+            got = [e["uid"] for e in c2.events(host=h.server_id)]
+            assert len(got) == len(set(got)) == 2500 and set(got) == set(sent[h.server_id])
+        r = c1.verify()
+        assert r.returncode == 0, r.stdout
+    finally:
+        for h in hosts:
+            h.close()
+        c2.close()
+        c1.close()
+
+
+def test_every_route_is_documented(collector):
+    from collector.app import build_app
+    from collector import openapi
+    app = build_app(None, None, None)
+    routes = {(r.path.replace(":int", ""), m.lower()) for r in app.routes for m in r.methods
+              if m != "HEAD"}
+    documented = {(p, m) for p, ops in openapi.DOCUMENT["paths"].items() for m in ops}
+    assert routes == documented
+    r = requests.get(collector.url + "/v1/openapi.json", verify=str(collector.ca_file), timeout=10)
+    assert r.json()["paths"].keys() == openapi.DOCUMENT["paths"].keys()
