@@ -11,6 +11,8 @@ import logging
 import os
 import ssl
 
+from sshtrail.errors import SshtrailError
+
 from .blobs import DirBlobStore
 from .ca import CA
 
@@ -36,10 +38,14 @@ def open_blobs(cfg) -> DirBlobStore:
                                                                    "recordings"))
 
 
+class ServeError(SshtrailError):
+    pass
+
+
 def parse_listen(text: str) -> tuple[str, int]:
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"collector.listen = {text!r}: expected HOST:PORT, like 0.0.0.0:8443")
+        raise ServeError(f"collector.listen = {text!r}: expected HOST:PORT, like 0.0.0.0:8443")
     return host.strip("[]") or "0.0.0.0", int(port)
 
 

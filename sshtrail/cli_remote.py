@@ -97,6 +97,8 @@ def cmd_verify(args, cfg) -> int:
         store.close()
     if args.host and not reports:
         raise SshtrailError(f"no enrolled host {args.host!r} in this collector's store")
+    if not reports:
+        print("no enrolled hosts in this collector's store: nothing to verify")
     bad = 0
     for r in reports:
         state = "OK" if not r.problems else f"{len(r.problems)} PROBLEM(S)"
