@@ -15,8 +15,14 @@ import time
 from _socket import AF_UNIX, SOCK_STREAM, socket
 
 from sshtrail import wire
+from sshtrail.wire import FRAME
 
 RETRY_EVERY = 1.0
+# Output read within this long of a frame's start joins that frame: a stream of 4 KiB pty reads
+# becomes a few frames per batch, not hundreds, and playback cannot tell the difference.
+COALESCE_S = 0.01
+# A batch never outgrows a message (each add() brings at most one read of the relay, 64 KiB).
+MAX_BATCH = wire.MAX_MESSAGE - (256 << 10)
 
 
 class AgentClient:
@@ -25,7 +31,7 @@ class AgentClient:
         self.path = path
         self.hello = hello
         self.batch_s = batch_s
-        self.batch_bytes = batch_bytes
+        self.batch_bytes = min(batch_bytes, MAX_BATCH)
         self.buffer_bytes = buffer_bytes
         self.t0 = time.monotonic()
         self.sid: str | None = None
@@ -33,13 +39,18 @@ class AgentClient:
         self.refused: str | None = None  # the agent said no, and why
         self.error: str | None = None  # the agent could not be reached, and why
         self.lost_agent = False  # connected once, then lost
-        self._pending: list = []
-        self._pending_bytes = 0
-        self._pending_since = 0.0
+        # The batch being filled, already in the frame encoding: _batch[:_pos], in a buffer
+        # allocated once (growing a bytearray 4 KiB at a time copies it over and over).
+        self._batch = bytearray(self.batch_bytes + 2 * FRAME.size + 65536)
+        self._pos = 0
+        self._batch_data = 0  # bytes of terminal data in it
+        self._due = 0.0  # when it must be sealed
+        self._frame_at = -1  # offset of its last frame's header, while that frame may grow
+        self._frame_t = 0.0
         self._seq = 0
         self._unacked: dict[int, tuple[bytes, int]] = {}  # seq -> (message, data bytes)
         self._unacked_bytes = 0
-        self._out = bytearray()
+        self._sendq: list = []  # memoryviews of messages, the first maybe partly sent
         self._reader = wire.Reader()
         self._next_retry = 0.0
         self.dropped_bytes = 0
@@ -59,10 +70,9 @@ class AgentClient:
             reader = wire.Reader()
             deadline = time.monotonic() + timeout
             while True:
-                data = sock.recv(65536)
-                if not data:
+                msgs = reader.recv_from(sock)
+                if msgs is None:
                     raise OSError("agent closed the connection")
-                msgs = reader.feed(data)
                 if msgs:
                     break
                 if time.monotonic() > deadline:
@@ -79,7 +89,7 @@ class AgentClient:
         sock.setblocking(False)
         self.sock = sock
         self._reader = reader
-        self._out = bytearray(b"".join(self._unacked[s][0] for s in sorted(self._unacked)))
+        self._sendq = [memoryview(self._unacked[s][0]) for s in sorted(self._unacked)]
         return True
 
     def _broken(self) -> None:
@@ -87,7 +97,7 @@ class AgentClient:
             self.sock.close()
         self.sock = None
         self.lost_agent = True
-        self._out = bytearray()
+        self._sendq.clear()
         self._next_retry = time.monotonic() + RETRY_EVERY
 
     def maybe_reconnect(self) -> None:
@@ -97,43 +107,61 @@ class AgentClient:
     # -- frames ------------------------------------------------------------------------------
 
     def add(self, kind: bytes, data: bytes) -> None:
+        n = len(data)
         if kind == b"o":
-            self.out_bytes += len(data)
-        if self._unacked_bytes + self._pending_bytes + len(data) > self.buffer_bytes:
-            self.dropped_bytes += len(data)
+            self.out_bytes += n
+        if self._unacked_bytes + self._batch_data + n > self.buffer_bytes:
+            self.dropped_bytes += n
             return
-        if not self._pending:
-            self._pending_since = time.monotonic()
-        self._pending.append((time.monotonic() - self.t0, kind, data))
-        self._pending_bytes += len(data)
-        if self._pending_bytes >= self.batch_bytes:
+        now = time.monotonic()
+        t = now - self.t0
+        pos = self._pos
+        if pos + FRAME.size + n > len(self._batch):
+            self._batch += bytes(FRAME.size + n)
+        batch = self._batch
+        if not pos:
+            self._due = now + self.batch_s
+        if kind == b"o" and self._frame_at >= 0 and t - self._frame_t < COALESCE_S:
+            at = self._frame_at + wire.FRAME_LENGTH_AT
+            wire.FRAME_LENGTH.pack_into(batch, at, wire.FRAME_LENGTH.unpack_from(batch, at)[0] + n)
+        else:
+            self._frame_at = pos if kind == b"o" else -1
+            self._frame_t = t
+            FRAME.pack_into(batch, pos, t, kind, n)
+            pos += FRAME.size
+        batch[pos:pos + n] = data
+        self._pos = pos + n
+        self._batch_data += n
+        if self._pos >= self.batch_bytes:
             self.seal()
 
     def timeout(self) -> float | None:
         """Seconds until the pending batch is due (for the relay's select), or None."""
         waits = []
-        if self._pending:
-            waits.append(max(0.0, self._pending_since + self.batch_s - time.monotonic()))
-        if self.sock is None and (self._unacked or self._pending):
+        if self._pos:
+            waits.append(max(0.0, self._due - time.monotonic()))
+        if self.sock is None and (self._unacked or self._pos):
             waits.append(max(0.0, self._next_retry - time.monotonic()))
         return min(waits) if waits else None
 
     def tick(self) -> None:
         """Seal a due batch, retry a lost agent."""
-        if self._pending and time.monotonic() >= self._pending_since + self.batch_s:
+        if self._pos and time.monotonic() >= self._due:
             self.seal()
-        self.maybe_reconnect()
+        if self.sock is None:
+            self.maybe_reconnect()
 
     def seal(self) -> None:
-        if not self._pending:
+        if not self._pos:
             return
         self._seq += 1
-        msg = wire.pack({"type": "frames", "seq": self._seq}, wire.pack_frames(self._pending))
-        self._unacked[self._seq] = (msg, self._pending_bytes)
-        self._unacked_bytes += self._pending_bytes
-        self._pending, self._pending_bytes = [], 0
+        msg = wire.pack({"type": "frames", "seq": self._seq}, memoryview(self._batch)[:self._pos])
+        self._unacked[self._seq] = (msg, self._batch_data)
+        self._unacked_bytes += self._batch_data
+        self._pos = self._batch_data = 0
+        self._frame_at = -1
         if self.sock is not None:
-            self._out += msg
+            self._sendq.append(memoryview(msg))
 
     # -- socket ------------------------------------------------------------------------------
 
@@ -141,12 +169,17 @@ class AgentClient:
         return self.sock.fileno() if self.sock is not None else -1
 
     def wants_write(self) -> bool:
-        return self.sock is not None and bool(self._out)
+        return self.sock is not None and bool(self._sendq)
 
     def pump_write(self) -> None:
+        q = self._sendq
         try:
-            n = self.sock.send(self._out)
-            del self._out[:n]
+            while q:
+                n = self.sock.send(q[0])
+                if n < len(q[0]):
+                    q[0] = q[0][n:]
+                    return
+                del q[0]
         except BlockingIOError:
             pass
         except OSError:
@@ -154,17 +187,12 @@ class AgentClient:
 
     def pump_read(self) -> None:
         try:
-            data = self.sock.recv(65536)
+            msgs = self._reader.recv_from(self.sock)
         except BlockingIOError:
             return
-        except OSError:
-            data = b""
-        if not data:
-            self._broken()
-            return
-        try:
-            msgs = self._reader.feed(data)
-        except wire.ProtocolError:
+        except (OSError, wire.ProtocolError):
+            msgs = None
+        if msgs is None:
             self._broken()
             return
         for header, _ in msgs:
@@ -189,13 +217,14 @@ class AgentClient:
             try:
                 self.sock.setblocking(True)
                 self.sock.settimeout(max(0.1, deadline - time.monotonic()))
-                self.sock.sendall(bytes(self._out) + wire.pack(dict(end, type="end")))
-                self._out = bytearray()
+                while self._sendq:
+                    self.sock.sendall(self._sendq.pop(0))
+                self.sock.sendall(wire.pack(dict(end, type="end")))
                 while True:
-                    data = self.sock.recv(65536)
-                    if not data:
+                    msgs = self._reader.recv_from(self.sock)
+                    if msgs is None:
                         raise OSError("agent went away")
-                    for header, _ in self._reader.feed(data):
+                    for header, _ in msgs:
                         if header["type"] == "ack" and header.get("seq") == "end":
                             self.sock.close()
                             return True

@@ -63,13 +63,15 @@ class _Handler(socketserver.BaseRequestHandler):
         creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
         pid, uid, _ = struct.unpack("3i", creds)
         session = None
-        reader = wire.Reader()
+        # Receives straight into a buffer kept for the connection: a fresh 1 MiB buffer per
+        # receive cost page faults and a copy for every batch of every session.
+        reader = wire.Reader(1 << 18)
         try:
             while True:
-                data = sock.recv(1 << 20)
-                if not data:
+                msgs = reader.recv_from(sock)
+                if msgs is None:
                     break
-                for header, payload in reader.feed(data):
+                for header, payload in msgs:
                     reply, session = self.server.handle_message(session, pid, uid, header, payload)
                     if reply:
                         sock.sendall(wire.pack(reply))
@@ -139,8 +141,7 @@ class SessionServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             seq = header.get("seq")
             if not isinstance(seq, int) or seq < 1:
                 raise wire.ProtocolError("frames without a valid seq")
-            frames = wire.unpack_frames(payload)  # reject garbage before storing it
-            out = sum(len(d) for _, k, d in frames if k == b"o")
+            out = wire.output_size(payload)  # rejects garbage before it is stored
             self.spool.put_chunk(session["sid"], seq, payload, out)
             return {"type": "ack", "seq": seq}, session
         if kind == "end":

@@ -12,6 +12,9 @@ decodes it.
 Messages, wrapper -> agent: hello, frames (with seq), end. Agent -> wrapper: welcome (the sid),
 ack (a seq, once its frames are in the spool), refused (why). Never trust a field that the
 kernel can tell: the agent takes pid and uid from SO_PEERCRED.
+
+Every byte of a session's output passes through here twice (wrapper, agent): the hot paths copy
+it as few times as they can (one join to pack, a receive straight into the reader's buffer).
 """
 from __future__ import annotations
 
@@ -20,46 +23,90 @@ import struct
 
 MAX_MESSAGE = 8 << 20
 _LEN = struct.Struct(">I")
-_FRAME = struct.Struct(">dcI")
+FRAME = struct.Struct(">dcI")
+# Where a frame header keeps its length, so that a writer may extend the last frame it packed.
+FRAME_LENGTH, FRAME_LENGTH_AT = struct.Struct(">I"), 9
 KINDS = (b"o", b"i", b"r")
+_RECV_ROOM = 1 << 16  # least free space offered to each receive
 
 
 class ProtocolError(ValueError):
     pass
 
 
-def pack(header: dict, payload: bytes = b"") -> bytes:
-    body = json.dumps(header, separators=(",", ":")).encode() + b"\n" + payload
-    if len(body) > MAX_MESSAGE:
-        raise ProtocolError(f"message of {len(body)} bytes is over the {MAX_MESSAGE} limit")
-    return _LEN.pack(len(body)) + body
+def pack(header: dict, payload=b"") -> bytes:
+    """One message; `payload` is any bytes-like object."""
+    head = json.dumps(header, separators=(",", ":")).encode() + b"\n"
+    size = len(head) + len(payload)
+    if size > MAX_MESSAGE:
+        raise ProtocolError(f"message of {size} bytes is over the {MAX_MESSAGE} limit")
+    return b"".join((_LEN.pack(size), head, payload))
 
 
 class Reader:
-    """Incremental decoder: feed() bytes as they arrive, get whole messages back."""
+    """Incremental decoder: feed() bytes as they arrive, or recv_from() a socket straight into
+    its buffer; get whole messages back. Checks each length before waiting for the body, so a
+    peer cannot make it buffer more than MAX_MESSAGE, and grows only with what actually came."""
 
-    def __init__(self):
-        self._buf = bytearray()
+    def __init__(self, size: int = 1 << 16):
+        self._buf = bytearray(size)
+        self._view = memoryview(self._buf)
+        self._start = self._end = 0  # the bytes not yet decoded are _buf[_start:_end]
 
-    def feed(self, data: bytes) -> list[tuple[dict, bytes]]:
-        self._buf += data
+    def feed(self, data) -> list[tuple[dict, bytes]]:
+        n = len(data)
+        self._make_room(n)
+        self._buf[self._end:self._end + n] = data
+        self._end += n
+        return self._decode()
+
+    def recv_from(self, sock) -> list[tuple[dict, bytes]] | None:
+        """One receive from `sock` (blocking or not, as it is); None when the peer closed."""
+        self._make_room(_RECV_ROOM)
+        n = sock.recv_into(self._view[self._end:])
+        if not n:
+            return None
+        self._end += n
+        return self._decode()
+
+    def _make_room(self, n: int) -> None:
+        """At least n free bytes after _end: move what is pending to the front, or grow."""
+        if len(self._buf) - self._end >= n:
+            return
+        pending = self._view[self._start:self._end].tobytes()
+        size = len(self._buf)
+        while size < len(pending) + n:
+            size *= 2
+        if size != len(self._buf):
+            self._view.release()
+            self._buf = bytearray(size)
+            self._view = memoryview(self._buf)
+        self._buf[:len(pending)] = pending
+        self._start, self._end = 0, len(pending)
+
+    def _decode(self) -> list[tuple[dict, bytes]]:
         out = []
-        while len(self._buf) >= 4:
-            (n,) = _LEN.unpack_from(self._buf)
+        buf, view = self._buf, self._view
+        start, end = self._start, self._end
+        while end - start >= 4:
+            (n,) = _LEN.unpack_from(buf, start)
             if n > MAX_MESSAGE:
                 raise ProtocolError(f"message length {n} is over the {MAX_MESSAGE} limit")
-            if len(self._buf) < 4 + n:
+            stop = start + 4 + n
+            if stop > end:
                 break
-            body = bytes(self._buf[4:4 + n])
-            del self._buf[:4 + n]
-            head, sep, payload = body.partition(b"\n")
+            nl = buf.find(b"\n", start + 4, stop)
             try:
-                header = json.loads(head) if sep else None
+                header = json.loads(view[start + 4:nl].tobytes()) if nl >= 0 else None
             except (json.JSONDecodeError, UnicodeDecodeError):
                 header = None
             if not isinstance(header, dict) or not isinstance(header.get("type"), str):
                 raise ProtocolError("message header is not a JSON object with a type")
-            out.append((header, payload))
+            out.append((header, view[nl + 1:stop].tobytes()))
+            start = stop
+        if start == end:
+            start = end = 0
+        self._start, self._end = start, end
         return out
 
 
@@ -67,24 +114,33 @@ def pack_frames(frames) -> bytes:
     """[(t, kind, data), ...] -> bytes."""
     parts = []
     for t, kind, data in frames:
-        parts.append(_FRAME.pack(t, kind, len(data)))
+        parts.append(FRAME.pack(t, kind, len(data)))
         parts.append(data)
     return b"".join(parts)
 
 
-def unpack_frames(blob: bytes) -> list[tuple[float, bytes, bytes]]:
-    out, i, n = [], 0, len(blob)
+def _frames(blob):
+    """(t, kind, start, stop) of each frame in blob, checked."""
+    i, n = 0, len(blob)
+    size_ = FRAME.size
     while i < n:
-        if n - i < _FRAME.size:
+        if n - i < size_:
             raise ProtocolError(f"truncated frame header at byte {i}")
-        t, kind, size = _FRAME.unpack_from(blob, i)
-        i += _FRAME.size
+        t, kind, size = FRAME.unpack_from(blob, i)
         if kind not in KINDS:
-            raise ProtocolError(f"unknown frame kind {kind!r} at byte {i - _FRAME.size}")
-        if size > n - i:
-            raise ProtocolError(f"frame at byte {i - _FRAME.size} claims {size} bytes, {n - i} left")
+            raise ProtocolError(f"unknown frame kind {kind!r} at byte {i}")
+        if size > n - i - size_:
+            raise ProtocolError(f"frame at byte {i} claims {size} bytes, {n - i - size_} left")
         if t != t or t < 0:  # NaN or negative
-            raise ProtocolError(f"frame at byte {i - _FRAME.size} has time {t}")
-        out.append((t, kind, blob[i:i + size]))
-        i += size
-    return out
+            raise ProtocolError(f"frame at byte {i} has time {t}")
+        yield t, kind, i + size_, i + size_ + size
+        i += size_ + size
+
+
+def unpack_frames(blob: bytes) -> list[tuple[float, bytes, bytes]]:
+    return [(t, kind, blob[a:b]) for t, kind, a, b in _frames(blob)]
+
+
+def output_size(blob) -> int:
+    """Check a frame blob as unpack_frames does, without copying it; the bytes of output in it."""
+    return sum(b - a for _, kind, a, b in _frames(blob) if kind == b"o")

@@ -45,3 +45,28 @@ def test_frames_vector_and_round_trip():
 def test_bad_frames(blob, message):
     with pytest.raises(wire.ProtocolError, match=message):
         wire.unpack_frames(blob)
+
+
+def test_output_size_checks_without_copying():
+    blob = wire.pack_frames([(0.0, b"o", b"hi\r\n"), (0.5, b"r", b"100x30"), (1.25, b"o", b"\xc3")])
+    assert wire.output_size(memoryview(blob)) == 5
+    for bad, message in [(b"\x00" * 5, "truncated frame header"),
+                         (b"\x00" * 8 + b"o" + b"\x00\x00\x00\x09abc", "claims 9 bytes, 3 left")]:
+        with pytest.raises(wire.ProtocolError, match=message):
+            wire.output_size(bad)
+
+
+def test_reader_receives_from_a_socket_messages_bigger_than_its_buffer():
+    import socket
+    a, b = socket.socketpair()
+    big = bytes(range(256)) * 1000
+    data = wire.pack({"type": "a"}, big) + wire.pack({"type": "b"}, b"x")
+    r = wire.Reader(1024)
+    got = []
+    with a, b:
+        for i in range(0, len(data), 7000):
+            a.sendall(data[i:i + 7000])
+            got += r.recv_from(b)
+        a.close()
+        assert r.recv_from(b) is None
+    assert got == [({"type": "a"}, big), ({"type": "b"}, b"x")]
