@@ -123,9 +123,14 @@ def run(cfg, stop: threading.Event | None = None) -> int:
              cfg["sshd_log.path"], cfg["agent.socket"])
     # The uploader (sshtrail.uploader): its own thread and spool connection.
     # Started even before enrollment: it idles until `sshtrail enroll` has run.
-    from sshtrail import uploader
-    upload_stop = threading.Event()
-    upload_thread = uploader.start(cfg, upload_stop)
+    upload_stop, upload_thread = threading.Event(), None
+    try:
+        from sshtrail import uploader
+    except ImportError as e:
+        # A host without the uploader's libraries still records everything into the spool.
+        log.error("uploads are off: %s; events stay in the spool until it is installed", e)
+    else:
+        upload_thread = uploader.start(cfg, upload_stop)
     try:
         while not stop.is_set():
             try:
@@ -138,7 +143,8 @@ def run(cfg, stop: threading.Event | None = None) -> int:
     finally:
         # uploader: finish the request in flight (a killed one is re-sent after its lease)
         upload_stop.set()
-        upload_thread.join(cfg["upload.timeout"] + 5)
+        if upload_thread is not None:
+            upload_thread.join(cfg["upload.timeout"] + 5)
         sessions.stop()
         hosts.stop()
         spool.append(events.new("agent.stop"))

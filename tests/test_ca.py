@@ -236,7 +236,7 @@ def _enroll(store, ca, token, server_id="web-01", key=None, **kw):
 def test_token_carries_the_ca_fingerprint_and_only_its_hash_is_stored(store, ca, tmp_path):
     token = ca_mod.issue_token(store, ca, 60)
     secret, fp = signing.split_token(token)
-    assert fp == ca.fingerprint and len(secret) == 32
+    assert fp == ca.fingerprint and len(secret) == 34 and secret.startswith("st")  # "st": never an option-like "-"
     store.close()
     # nothing in the database file holds the secret itself
     for name in os.listdir(tmp_path):
