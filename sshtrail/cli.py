@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from sshtrail import cli_remote, config, events
+from sshtrail import cli_play, cli_remote, config, events
 from sshtrail.errors import SshtrailError
 
 EXAMPLES = """examples (see also `sshtrail collector --help`):
@@ -205,12 +205,29 @@ def export_asciicast(spool, sid: str, out) -> None:
 
 def cmd_export(args, cfg) -> int:
     if args.collector:
-        data = cli_remote.reader(args, cfg).recording(args.sid, args.host)
-        write = lambda f: f.write(data)  # noqa: E731
+        reader = cli_remote.reader(args, cfg)
+        if args.format == "json":
+            evs = reader.events(sid=args.sid, **({"host": args.host} if args.host else {}))
+            write = lambda f: _write_json_lines(evs, f)  # noqa: E731
+        else:
+            data = reader.recording(args.sid, args.host)
+            write = lambda f: f.write(data)  # noqa: E731
         spool = None
     else:
         spool = _open_spool(cfg)
-        write = lambda f: export_asciicast(spool, args.sid, f)  # noqa: E731
+        if args.format == "json":
+            write = lambda f: _write_json_lines(spool.query(sid=args.sid), f)  # noqa: E731
+        else:
+            write = lambda f: export_asciicast(spool, args.sid, f)  # noqa: E731
+    if args.format == "text":
+        from sshtrail import textexport
+        cast_of = write
+
+        def write(f):
+            import io
+            buf = io.BytesIO()
+            cast_of(buf)
+            textexport.write_text(buf.getvalue(), f)
     try:
         if args.output in (None, "-"):
             write(sys.stdout.buffer)
@@ -228,6 +245,11 @@ def cmd_export(args, cfg) -> int:
         if spool is not None:
             spool.close()
     return 0
+
+
+def _write_json_lines(evs, f) -> None:
+    for ev in evs:
+        f.write((events.to_json(ev) + "\n").encode())
 
 
 def cmd_doctor(args, cfg) -> int:
@@ -299,13 +321,16 @@ def build_parser() -> argparse.ArgumentParser:
     cli_remote.add_collector_options(sp)
     sp = add("export", cmd_export, "write a session's recording in a standard format")
     sp.add_argument("sid", help="the session id (see `sshtrail sessions`)")
-    sp.add_argument("--format", choices=["asciicast"], default="asciicast",
-                    help="asciicast v2: plays in any asciinema player (default)")
+    sp.add_argument("--format", choices=["asciicast", "text", "json"], default="asciicast",
+                    help="asciicast v2: plays in any asciinema player (default); text: what "
+                         "the screen showed, as plain text; json: the session's events, one "
+                         "JSON object a line")
     sp.add_argument("--output", "-o", metavar="FILE", help="write here instead of stdout")
     sp.add_argument("--host", help="the host, where two share a session id (with --collector)")
     cli_remote.add_collector_options(sp)
     add("agent", cmd_agent, "run the host daemon (log watcher, session recorder) in the foreground")
     cli_remote.add_parsers(sub, add, common)
+    cli_play.add_parsers(sub, add, common)
     sp = add("config", cmd_config, "check the config file, or print every key with its default")
     sp.add_argument("--defaults", action="store_true", help="print the documented default file")
     return p

@@ -1,0 +1,399 @@
+"""The terminal-screen model behind replay and the text export: pyte, completed, and its state
+as a value.
+
+pyte 0.8 lacks what full-screen programs use every day; `Screen` adds it: the alternate screen
+(private modes 47, 1047, 1048, 1049, with a saved cursor per screen as xterm keeps it), scroll
+up/down (`CSI S`/`CSI T`), REP (`CSI b`), DEC line drawing in a UTF-8 stream, and tolerance of
+parameters pyte would raise on. `Stream` feeds it text that has been through
+`sshtrail.termfilter` (which passes only what this model understands).
+
+`snapshot`/`restore` copy the whole state (both buffers, cursor, saved cursors, modes, margins,
+charsets, tab stops, size) as a value for keyframes, in well under a millisecond: cells are
+immutable pyte `Char`s, so a snapshot copies rows of references, never characters.
+`render` turns a state into the escape sequences that redraw a viewer's terminal to show exactly
+it. The model must never answer the recording (pyte's DSR/DA replies go nowhere) and never
+raise on what a recording holds.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import pyte
+from pyte import graphics as g
+from pyte import modes as mo
+from pyte.screens import Char, Cursor, Margins, Savepoint, StaticDefaultDict
+
+log = logging.getLogger(__name__)
+
+ESC = "\x1b"
+_ALT_MODES = {47 << 5, 1047 << 5, 1048 << 5, 1049 << 5}
+
+
+class Screen(pyte.Screen):
+    """A pyte screen with an alternate screen, SU/SD and REP, as xterm behaves."""
+
+    def __init__(self, columns: int, lines: int) -> None:
+        self.alternate = False
+        self.hidden_buffer: dict | None = None  # the screen not shown (main while in alt)
+        self.hidden_saved: Savepoint | None = None
+        self.last_char = ""
+        super().__init__(columns, lines)
+
+    def _new_buffer(self):
+        from collections import defaultdict
+        return defaultdict(lambda: StaticDefaultDict(self.default_char))
+
+    def reset(self) -> None:
+        super().reset()
+        self.alternate = False
+        self.hidden_buffer = None
+        self.hidden_saved = None
+        self.savepoints = []
+
+    # -- the saved cursor: one slot per screen (xterm), not pyte's stack ----------------------
+
+    def save_cursor(self) -> None:
+        super().save_cursor()
+        del self.savepoints[:-1]
+
+    def restore_cursor(self) -> None:
+        saved = self.savepoints[-1] if self.savepoints else None
+        super().restore_cursor()
+        if saved is not None:
+            # DECRC may be repeated: the slot stays, and the cursor is a copy of it.
+            self.savepoints = [saved]
+            self.cursor = Cursor(saved.cursor.x, saved.cursor.y, saved.cursor.attrs)
+            self.cursor.hidden = saved.cursor.hidden
+
+    # -- the alternate screen -----------------------------------------------------------------
+
+    def _switch(self, to_alternate: bool) -> None:
+        if to_alternate == self.alternate:
+            return
+        hidden = self.hidden_buffer if self.hidden_buffer is not None else self._new_buffer()
+        self.hidden_buffer, self.buffer = self.buffer, hidden
+        saved = self.savepoints[-1] if self.savepoints else None
+        self.savepoints = [self.hidden_saved] if self.hidden_saved else []
+        self.hidden_saved = saved
+        self.alternate = to_alternate
+        self.dirty.update(range(self.lines))
+
+    def _clear(self) -> None:
+        self.buffer.clear()
+        self.dirty.update(range(self.lines))
+
+    def set_mode(self, *modes: int, **kwargs: Any) -> None:
+        if kwargs.get("private"):
+            for m in modes:
+                if m == 1049 or m == 1048:
+                    self.save_cursor()
+                if m in (47, 1047, 1049):
+                    self._switch(True)
+                if m == 1049:
+                    self._clear()
+            modes = tuple(m for m in modes if m << 5 not in _ALT_MODES)
+        super().set_mode(*modes, **kwargs)
+
+    def reset_mode(self, *modes: int, **kwargs: Any) -> None:
+        if kwargs.get("private"):
+            for m in modes:
+                if m == 1047 and self.alternate:
+                    self._clear()
+                if m in (47, 1047, 1049):
+                    self._switch(False)
+                if m == 1049 or m == 1048:
+                    self.restore_cursor()
+            modes = tuple(m for m in modes if m << 5 not in _ALT_MODES)
+        super().reset_mode(*modes, **kwargs)
+
+    def resize(self, lines: int | None = None, columns: int | None = None) -> None:
+        lines, columns = lines or self.lines, columns or self.columns
+        if self.hidden_buffer is not None:
+            for y in [y for y in self.hidden_buffer if y >= lines]:
+                del self.hidden_buffer[y]
+            for line in self.hidden_buffer.values():
+                for x in [x for x in line if x >= columns]:
+                    del line[x]
+        super().resize(lines, columns)
+        self.tabstops = {t for t in self.tabstops if t < columns}
+        self.ensure_hbounds()
+        self.ensure_vbounds()
+
+    # -- what pyte lacks or raises on ---------------------------------------------------------
+
+    def draw(self, data: str) -> None:
+        super().draw(data)
+        if data:
+            self.last_char = data[-1]
+
+    def scroll_up(self, count: int | None = None, *_: Any) -> None:
+        x, y = self.cursor.x, self.cursor.y
+        top, bottom = self.margins or Margins(0, self.lines - 1)
+        for _ in range(min(count or 1, bottom - top + 1)):
+            self.cursor.y = bottom
+            self.index()
+        self.cursor.x, self.cursor.y = x, y
+
+    def scroll_down(self, count: int | None = None, *_: Any) -> None:
+        x, y = self.cursor.x, self.cursor.y
+        top, bottom = self.margins or Margins(0, self.lines - 1)
+        for _ in range(min(count or 1, bottom - top + 1)):
+            self.cursor.y = top
+            self.reverse_index()
+        self.cursor.x, self.cursor.y = x, y
+
+    def repeat(self, count: int | None = None, *_: Any) -> None:
+        if self.last_char:
+            self.draw(self.last_char * min(count or 1, self.columns * self.lines))
+
+    def erase_in_display(self, how: int = 0, *args: Any, **kwargs: Any) -> None:
+        if how in (0, 1, 2, 3):
+            super().erase_in_display(how)
+
+    def erase_in_line(self, how: int = 0, private: bool = False) -> None:
+        if how in (0, 1, 2):
+            super().erase_in_line(how)
+
+
+class Stream(pyte.Stream):
+    """pyte's parser, with the sequences `Screen` adds, and charsets honoured (pyte ignores
+    `ESC ( 0` in a UTF-8 stream; terminals do not, and ncurses draws boxes with it)."""
+
+    csi = {**pyte.Stream.csi, "S": "scroll_up", "T": "scroll_down", "b": "repeat"}
+    events = pyte.Stream.events | {"scroll_up", "scroll_down", "repeat"}
+
+    def __init__(self, screen: Screen) -> None:
+        super().__init__(screen)
+        self.use_utf8 = False
+
+    def feed(self, data: str) -> None:
+        try:
+            super().feed(data)
+        except Exception:  # a pyte bug must not stop a replay; the parser has reset itself
+            log.debug("screen model: pyte raised on %r", data[:80], exc_info=True)
+
+
+def new(columns: int, lines: int) -> tuple[Screen, Stream]:
+    screen = Screen(columns, lines)
+    return screen, Stream(screen)
+
+
+# -- the state as a value -----------------------------------------------------------------------
+
+def _copy_buffer(buffer) -> dict:
+    out = {}
+    for y, line in buffer.items():
+        if line:
+            copy = StaticDefaultDict(line.default)
+            copy.update(line)
+            out[y] = copy
+    return out
+
+
+def _copy_cursor(c: Cursor) -> Cursor:
+    n = Cursor(c.x, c.y, c.attrs)
+    n.hidden = c.hidden
+    return n
+
+
+def _copy_saved(s: Savepoint | None) -> Savepoint | None:
+    return s._replace(cursor=_copy_cursor(s.cursor)) if s is not None else None
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    columns: int
+    lines: int
+    buffer: dict
+    hidden_buffer: dict | None
+    alternate: bool
+    cursor: Cursor
+    saved: Savepoint | None
+    hidden_saved: Savepoint | None
+    mode: frozenset
+    margins: Margins | None
+    charset: int
+    g0: str
+    g1: str
+    tabstops: frozenset
+    last_char: str
+
+
+def snapshot(s: Screen) -> Snapshot:
+    return Snapshot(
+        s.columns, s.lines, _copy_buffer(s.buffer),
+        _copy_buffer(s.hidden_buffer) if s.hidden_buffer is not None else None, s.alternate,
+        _copy_cursor(s.cursor), _copy_saved(s.savepoints[-1] if s.savepoints else None),
+        _copy_saved(s.hidden_saved), frozenset(s.mode), s.margins, s.charset, s.g0_charset,
+        s.g1_charset, frozenset(s.tabstops), s.last_char)
+
+
+def restore(s: Screen, snap: Snapshot) -> None:
+    s.columns, s.lines = snap.columns, snap.lines
+    s.buffer = s._new_buffer()
+    s.buffer.update(_copy_buffer(snap.buffer))
+    if snap.hidden_buffer is not None:
+        s.hidden_buffer = s._new_buffer()
+        s.hidden_buffer.update(_copy_buffer(snap.hidden_buffer))
+    else:
+        s.hidden_buffer = None
+    s.alternate = snap.alternate
+    s.cursor = _copy_cursor(snap.cursor)
+    s.savepoints = [_copy_saved(snap.saved)] if snap.saved else []
+    s.hidden_saved = _copy_saved(snap.hidden_saved)
+    s.mode = set(snap.mode)
+    s.margins = snap.margins
+    s.charset, s.g0_charset, s.g1_charset = snap.charset, snap.g0, snap.g1
+    s.tabstops = set(snap.tabstops)
+    s.last_char = snap.last_char
+    s.dirty.update(range(s.lines))
+
+
+def restored(snap: Snapshot) -> tuple[Screen, Stream]:
+    screen, stream = new(snap.columns, snap.lines)
+    restore(screen, snap)
+    return screen, stream
+
+
+# -- drawing a state on a viewer's terminal -----------------------------------------------------
+
+def _color_codes() -> tuple[dict, dict]:
+    fg = {v: str(k) for k, v in {**g.FG_ANSI, **g.FG_AIXTERM}.items()}
+    bg = {v: str(k) for k, v in {**g.BG_ANSI, **g.BG_AIXTERM}.items()}
+    for i, hexa in reversed(list(enumerate(g.FG_BG_256))):
+        fg.setdefault(hexa, f"38;5;{i}")
+        bg.setdefault(hexa, f"48;5;{i}")
+    return fg, bg
+
+
+_FG, _BG = _color_codes()
+
+
+def _color(value: str, table: dict, base: int) -> str:
+    code = table.get(value)
+    if code is not None:
+        return code
+    try:  # 24-bit colour: pyte keeps it as rrggbb
+        r, gr, b = int(value[0:2], 16), int(value[2:4], 16), int(value[4:6], 16)
+        return f"{base};2;{r};{gr};{b}"
+    except ValueError:
+        return str(base + 1)  # 39/49: default
+
+
+def sgr(c: Char) -> str:
+    """The SGR sequence that sets exactly the attributes of `c`."""
+    parts = ["0"]
+    for flag, code in (("bold", "1"), ("italics", "3"), ("underscore", "4"), ("blink", "5"),
+                       ("reverse", "7"), ("strikethrough", "9")):
+        if getattr(c, flag):
+            parts.append(code)
+    if c.fg != "default":
+        parts.append(_color(c.fg, _FG, 38))
+    if c.bg != "default":
+        parts.append(_color(c.bg, _BG, 48))
+    return f"{ESC}[{';'.join(parts)}m"
+
+
+def _attrs(c: Char) -> Char:
+    return c._replace(data=" ")
+
+
+def _draw_rows(buffer, columns: int, lines: int, out: list[str]) -> None:
+    for y in range(lines):
+        line = buffer.get(y)
+        if line:
+            draw_line(line, columns, y, out)
+
+
+def draw_line(line, columns: int, y: int, out: list[str]) -> None:
+    """Row `y` (0-based) as cells with their attributes, onto a blank row of the viewer's."""
+    blank = _attrs(Char(" "))
+    last = max((x for x, c in line.items()
+                if x < columns and (c.data != " " or _attrs(c) != blank)), default=-1)
+    if last < 0:
+        return
+    out.append(f"{ESC}[{y + 1};1H")
+    current = None
+    x = 0
+    while x <= last:
+        c = line[x]
+        attrs = _attrs(c)
+        if attrs != current:
+            out.append(sgr(c))
+            current = attrs
+        if c.data == "":  # the stub after a wide character whose first cell was overwritten
+            out.append(" ")
+        else:
+            out.append(c.data)
+            nxt = line.get(x + 1)
+            if nxt is not None and nxt.data == "":
+                x += 1  # the wide character covers it
+        x += 1
+    out.append(f"{ESC}[0m")
+
+
+def _place_saved(saved: Savepoint, out: list[str]) -> None:
+    c = saved.cursor
+    out.append(f"{ESC}[?6l{ESC}[?7{'h' if saved.wrap else 'l'}")
+    out.append(f"{ESC}[{c.y + 1};{min(c.x, 10**4) + 1}H{sgr(c.attrs)}")
+    out.append(f"{ESC}[?25{'l' if c.hidden else 'h'}")  # pyte saves visibility with the cursor
+    out.append(_charsets(saved.g0_charset, saved.g1_charset, saved.charset))
+    out.append(ESC + "7")
+    out.append(f"{ESC}(B\x0f{ESC}[?7l{ESC}[?25l")
+
+
+def _charsets(g0: str, g1: str, charset: int) -> str:
+    name = {m: k for k, m in pyte.charsets.MAPS.items()}
+    return f"{ESC}({name.get(g0, 'B')}{ESC}){name.get(g1, '0')}" + ("\x0e" if charset else "\x0f")
+
+
+def render(snap: Snapshot, scroll_rows: int | None = None) -> str:
+    """Escape sequences that bring a viewer's terminal, in whatever state the recording left it,
+    to show `snap`: its screen (and the main screen behind an alternate one), cursor and saved
+    cursors, modes, margins and charsets. `scroll_rows` as in termfilter.TermFilter."""
+    out = [f"{ESC}[?1049l{ESC}[0m{ESC}[4l{ESC}[?6l{ESC}[?7l{ESC}[?25l",
+           f"{ESC}[1;{scroll_rows}r" if scroll_rows else f"{ESC}[r",
+           f"{ESC}(B{ESC})0\x0f{ESC}[H{ESC}[2J"]
+    main, main_saved = ((snap.hidden_buffer or {}), snap.hidden_saved) if snap.alternate else \
+        (snap.buffer, snap.saved)
+    _draw_rows(main, snap.columns, snap.lines, out)
+    if main_saved is not None:
+        _place_saved(main_saved, out)
+    if snap.alternate:
+        out.append(f"{ESC}[?1049h")
+        _draw_rows(snap.buffer, snap.columns, snap.lines, out)
+        if snap.saved is not None:
+            _place_saved(snap.saved, out)
+    if snap.tabstops != frozenset(range(8, snap.columns, 8)):
+        out.append(f"{ESC}[3g")
+        out += [f"{ESC}[1;{t + 1}H{ESC}H" for t in sorted(snap.tabstops)]
+    if snap.margins is not None:
+        bottom = snap.margins.bottom + 1
+        out.append(f"{ESC}[{snap.margins.top + 1};{min(bottom, scroll_rows or bottom)}r")
+    if mo.IRM in snap.mode:
+        out.append(f"{ESC}[4h")
+    out.append(f"{ESC}[?7{'h' if mo.DECAWM in snap.mode else 'l'}")
+    c = snap.cursor
+    top = snap.margins.top if snap.margins is not None and mo.DECOM in snap.mode else 0
+    if mo.DECOM in snap.mode:
+        out.append(f"{ESC}[?6h")
+    if c.x >= snap.columns:
+        # Pending wrap: the last column was just written. Writing it again recreates that state.
+        cell = snap.buffer.get(c.y, {}).get(snap.columns - 1) or Char(" ")
+        out.append(f"{ESC}[{c.y - top + 1};{snap.columns}H{sgr(cell)}{cell.data or ' '}")
+    else:
+        out.append(f"{ESC}[{c.y - top + 1};{c.x + 1}H")
+    # Last: the cells above hold characters already mapped, a line-drawing G0 must not map them
+    # again.
+    out.append(_charsets(snap.g0, snap.g1, snap.charset))
+    out.append(sgr(c.attrs))
+    if not c.hidden:
+        out.append(f"{ESC}[?25h")
+    return "".join(out)
+
+
+def cells(s: Screen) -> list[list[Char]]:
+    """Every cell of the shown screen, attributes included (for comparing two screens)."""
+    return [[s.buffer[y][x] for x in range(s.columns)] for y in range(s.lines)]
