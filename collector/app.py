@@ -30,7 +30,7 @@ from sshtrail import asciicast, batch, events, signing, wire
 from . import ca as ca_mod
 from . import ingest, openapi
 from .blobs import BlobError, decompress
-from .store import EventQuery, StoreConflict
+from .store import BadQuery, EventQuery, SearchQuery, StoreConflict
 from .tls import peer_cert_pem
 
 log = logging.getLogger("sshtrail.collector")
@@ -176,6 +176,29 @@ class Collector:
         page = await run_in_threadpool(self.store.query, q)
         return JSONResponse({"events": page.events, "next": page.next})
 
+    async def get_search(self, request: Request):
+        self._reader(request)
+        p = request.query_params
+        text = p.get("q") or ""
+        kinds = tuple(p.getlist("kind")) or ("output", "command")
+        bad = [k for k in kinds if k not in ("output", "command")]
+        if bad:
+            raise ingest.Refused(400, f"kind={bad[0]!r}: expected output or command")
+        q = SearchQuery(text=text, login=p.get("user"), server_id=p.get("host"),
+                        since=_time_param(request, "since"), until=_time_param(request, "until"),
+                        kinds=kinds, limit=_int_param(request, "limit", 50, 1, MAX_QUERY_LIMIT),
+                        before=p.get("before"))
+        try:
+            page = await run_in_threadpool(self.store.search, q)
+        except BadQuery as e:
+            raise ingest.Refused(400, str(e)) from None
+        return JSONResponse({"hits": [
+            {"kind": h.kind, "server_id": h.server_id, "sid": h.sid, "login": h.login,
+             "server_hostname": h.hostname,
+             "time": events.format_time(h.time) if h.time is not None else None,
+             "offset": h.offset, "line": h.line, **({"uid": h.uid} if h.uid else {})}
+            for h in page.hits], "next": page.next})
+
     async def get_sessions(self, request: Request):
         self._reader(request)
         p = request.query_params
@@ -245,6 +268,7 @@ def build_app(store, blobs, ca, **kw) -> Starlette:
         Route("/v1/events", guarded(c.get_events), methods=["GET"]),
         Route("/v1/recordings/{sid}", guarded(c.put_recording), methods=["PUT"]),
         Route("/v1/recordings/{sid}/chunks/{seq:int}", guarded(c.put_chunk), methods=["PUT"]),
+        Route("/v1/search", guarded(c.get_search), methods=["GET"]),
         Route("/v1/sessions", guarded(c.get_sessions), methods=["GET"]),
         Route("/v1/sessions/{sid}/recording", guarded(c.get_recording), methods=["GET"]),
         Route("/v1/hosts", guarded(c.get_hosts), methods=["GET"]),

@@ -6,19 +6,24 @@ another host; it is stored, and the break recorded as a finding for `verify`, wh
 does not link to what the store already holds (the events are evidence either way).
 
 A recording's chunks and metadata arrive on their own (see sshtrail.batch) and are kept
-compressed in the blob store.
+compressed in the blob store; a chunk's screen text is indexed for search as it is stored
+(collector.search).
 """
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 
 from sshtrail import batch, signing, wire
 from sshtrail.errors import SshtrailError
 
+from . import search
 from .blobs import compress
-from .store import BatchProof, IngestResult, StoredEvent
+from .store import BatchProof, IndexedOutput, IngestResult, StoredEvent
+
+log = logging.getLogger("sshtrail.collector")
 
 # sshtrail's sids are UUIDs; this also keeps them safe as blob-store path parts.
 _SID = re.compile(r"[A-Za-z0-9._-]{1,128}\Z")
@@ -127,11 +132,18 @@ def put_chunk(store, blobs, server_id: str, cert, sid: str, seq: int, body: byte
         raise Refused(400, f"chunk number {seq} is negative")
     _check_signature(cert, body, signature)
     try:
-        wire.unpack_frames(body)
+        frames = wire.unpack_frames(body)
     except wire.ProtocolError as e:
         raise Refused(400, f"recording chunk {seq} is malformed: {e}") from None
     packed = compress(body)
     # The bytes first, then the index: a crash between leaves an unindexed blob the retry
     # overwrites, never an index entry without its bytes.
     blobs.put(chunk_key(server_id, sid, seq), packed)
-    return store.put_chunk(server_id, sid, seq, len(body), len(packed))
+
+    def index(state: str | None) -> IndexedOutput:
+        try:
+            return search.index_chunk(state, seq, frames)
+        except Exception:  # noqa: BLE001 - a bug here must not make the host's upload stick
+            log.exception("recording %s/%s chunk %d: not indexed for search", server_id, sid, seq)
+            return IndexedOutput([], None, None, False)
+    return store.put_chunk(server_id, sid, seq, len(body), len(packed), index)

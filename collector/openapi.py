@@ -32,7 +32,18 @@ DOCUMENT = {
             "readerToken": {"type": "http", "scheme": "bearer",
                             "description": "from `sshtrail collector reader-token NAME`"}},
         "schemas": {"Error": {"type": "object", "required": ["error"],
-                              "properties": {"error": {"type": "string"}}}}},
+                              "properties": {"error": {"type": "string"}}},
+                    "Hit": {"type": "object", "properties": {
+                        "kind": {"enum": ["output", "command"]},
+                        "server_id": {"type": "string"}, "sid": {"type": ["string", "null"]},
+                        "login": {"type": ["string", "null"]},
+                        "server_hostname": {"type": ["string", "null"]},
+                        "time": {"type": ["string", "null"], "description": "RFC 3339 UTC"},
+                        "offset": {"type": ["number", "null"],
+                                   "description": "seconds into the recording"},
+                        "line": {"type": "string", "description": "the line or command "
+                                 "holding the match (long ones cut around it, marked …)"},
+                        "uid": {"type": "string", "description": "the command event's uid"}}}}},
     "paths": {
         "/v1/events": {
             "post": {
@@ -85,6 +96,35 @@ DOCUMENT = {
                                                                 "format": "binary"}}}},
                     "responses": {"200": {"description": "stored"}, "400": _ERROR,
                                   "401": _ERROR, "403": _ERROR, "413": _ERROR}}},
+        "/v1/search": {
+            "get": {
+                "summary": "Find text that appeared on a recorded session's screen, or in a "
+                           "command a session ran (`session.command` argv, `exec` command); "
+                           "newest first, in pages",
+                "description": "`q` is literal (no operators or wildcards) and matched as a "
+                               "case-insensitive substring (Unicode case folding) of one line "
+                               "of screen text, escape sequences removed, or of one command; "
+                               "3 characters at least. A hit's `offset` is the second of the "
+                               "recording at which the matched text was whole on screen "
+                               "(`sshtrail play SID --at OFFSET` opens there); null for a "
+                               "command of a session without recording.",
+                "security": _READER,
+                "parameters": [
+                    {"name": "q", "in": "query", "required": True, "schema": {
+                        "type": "string", "minLength": 3}, "description": "the text to find"},
+                    _q("user", "login"), _q("host", "server_id or server_hostname"),
+                    _q("since", "hit time >= since: epoch seconds or RFC 3339 UTC"),
+                    _q("until", "hit time < until: epoch seconds or RFC 3339 UTC"),
+                    _q("kind", "output or command; repeat for both (default both)"),
+                    _q("limit", "page size, 1-1000 (50)", {"type": "integer"}),
+                    _q("before", "the `next` cursor of the previous page")],
+                "responses": {"200": {"description": "a page of hits, newest first",
+                                      "content": {"application/json": {"schema": {
+                                          "type": "object", "properties": {
+                                              "hits": {"type": "array", "items": {
+                                                  "$ref": "#/components/schemas/Hit"}},
+                                              "next": {"type": ["string", "null"]}}}}}},
+                              "400": _ERROR, "401": _ERROR}}},
         "/v1/sessions": {
             "get": {"summary": "Recorded sessions, newest first", "security": _READER,
                     "parameters": [_q("since", "started at or after"), _q("user", "login"),

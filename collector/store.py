@@ -13,18 +13,28 @@ What every backend guarantees:
   searched by; `verify` re-derives those columns and the chain from `raw`.
 - Safe for several threads of one process and, for PostgreSQL, several processes.
 
+- Search (collector.search says what is indexed and how a query matches): the screen text of
+  recordings is indexed as their chunks arrive, in the transaction that stores the chunk, so a
+  retried chunk is never indexed twice; commands (`session.command` argv, `exec` command) as
+  their events are stored. Both backends match alike: a case-folded literal substring.
+
 Times are epoch seconds (float) in the interface; events carry their RFC 3339 `time` text,
 which sorts as time does.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 from sshtrail.errors import SshtrailError
 
 
 class StoreError(SshtrailError):
     """The store cannot be opened or used; the message says which and why."""
+
+
+class BadQuery(StoreError):
+    """A query the store cannot answer as asked (too short, a cursor it did not give out)."""
 
 
 class StoreConflict(StoreError):
@@ -98,6 +108,59 @@ class Host:
     last_hash: str                     # that event's hash
 
 
+@dataclass
+class Line:
+    """One line of a recording's screen text, as collector.search extracts it."""
+    offset: float      # seconds from the recording's start when its first character appeared
+    text: str          # what the line showed: escape sequences and control characters removed
+    marks: str = ""    # when its other characters appeared, where that differs (search.marks)
+
+
+@dataclass
+class IndexedOutput:
+    """What one chunk adds to the search index (collector.search.index_chunk makes it)."""
+    lines: list[Line]              # completed lines, to index for good
+    partial: Line | None           # the unfinished last line: indexed now, replaced later
+    state: str | None              # what the next chunk continues from; None: keep the stored
+    replaces_partial: bool         # the stored unfinished line is continued here: drop it
+
+
+# Called inside the chunk's transaction with the recording's stored text state (None before
+# its first chunk); only for a chunk new to the store.
+OutputIndexer = Callable[[str | None], IndexedOutput]
+
+
+@dataclass
+class SearchQuery:
+    text: str                          # literal, case-insensitive; 3 characters at least
+    login: str | None = None
+    server_id: str | None = None       # matches server_id or the hostname
+    since: float | None = None         # hit time >= since
+    until: float | None = None         # hit time < until
+    kinds: tuple[str, ...] = ("output", "command")
+    limit: int = 50
+    before: str | None = None          # paging cursor: the `next` of the previous page
+
+
+@dataclass
+class Hit:
+    kind: str                  # "output": seen on screen; "command": a command event's text
+    server_id: str
+    sid: str | None
+    login: str | None
+    hostname: str | None
+    time: float | None         # epoch seconds; None for output of a recording never described
+    offset: float | None       # seconds into the recording; None: the session has no recording
+    line: str                  # the line (or command) it was found in
+    uid: str | None = None     # the command event's uid
+
+
+@dataclass
+class SearchPage:
+    hits: list[Hit]            # newest first
+    next: str | None           # cursor for older hits, None at the end
+
+
 class Store:
     """The interface. Backends subclass it and implement every method."""
 
@@ -137,8 +200,12 @@ class Store:
         session goes on). `meta` is a JSON-able dict, returned as is by `recording`."""
         raise NotImplementedError
 
-    def put_chunk(self, server_id: str, sid: str, seq: int, size: int, stored_size: int) -> bool:
-        """Index one chunk whose bytes are already in the blob store; True if new."""
+    def put_chunk(self, server_id: str, sid: str, seq: int, size: int, stored_size: int,
+                  index: OutputIndexer | None = None) -> bool:
+        """Index one chunk whose bytes are already in the blob store; True if new. For a new
+        chunk, `index` is called in the same transaction with the recording's text state and
+        what it returns is stored with the chunk: its lines searchable, its state kept for the
+        next chunk (by any collector process), the previous unfinished line replaced if asked."""
         raise NotImplementedError
 
     def recording(self, server_id: str | None, sid: str) -> dict | None:
@@ -149,6 +216,13 @@ class Store:
     def sessions(self, *, since: float | None = None, login: str | None = None,
                  server_id: str | None = None, limit: int = 100) -> list[dict]:
         """Recordings, newest first: {"server_id", "sid", "meta", "updated", "bytes"}."""
+        raise NotImplementedError
+
+    # -- search ------------------------------------------------------------------------------
+    def search(self, q: SearchQuery) -> SearchPage:
+        """Screen lines and commands holding q.text (case-folded, literal), newest first: by
+        the time the line began on screen, or the command event's time. Raises BadQuery for
+        a text under 3 characters, a limit under 1 or a cursor it did not give out."""
         raise NotImplementedError
 
     # -- hosts, enrollment, readers -----------------------------------------------------------

@@ -21,12 +21,13 @@ from psycopg.pq import TransactionStatus
 
 from sshtrail.chain import GENESIS
 
-from .store import (BatchProof, EventPage, EventQuery, Host, IngestResult, Store, StoreConflict,
-                    StoreError, StoredEvent)
-from .store_sqlite import (check_batch, conflict_message, event_filter, fold, make_page,
-                           meta_fields, time_us)
+from . import search
+from .store import (BatchProof, EventPage, EventQuery, Host, IngestResult, OutputIndexer,
+                    SearchPage, SearchQuery, Store, StoreConflict, StoreError, StoredEvent)
+from .store_sqlite import (check_batch, conflict_message, event_filter, fold, like_pattern,
+                           make_page, make_search_page, meta_fields, search_filter, time_us)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # Keys of pg_advisory_xact_lock(int, int): ("sshtrail" as an int, purpose).
 _LOCK_CLASS = 0x73736874
 _LOCK_SCHEMA = 1
@@ -120,6 +121,31 @@ _SCHEMA = [
         token_hash text PRIMARY KEY,
         name text NOT NULL,
         created double precision NOT NULL)""",
+    # Version 2: search (collector.search). pg_trgm's GIN indexes serve LIKE '%...%' on the
+    # case-folded text (ftext where folding changes it, as for event search): the same matching
+    # as SQLite's, whatever the database's locale. pg_trgm is a trusted extension (PostgreSQL
+    # 13+): the database's owner may create it. Commands are indexed in place, by a partial
+    # index over their events.
+    "CREATE EXTENSION IF NOT EXISTS pg_trgm",
+    """CREATE TABLE IF NOT EXISTS output_lines (
+        id bigserial PRIMARY KEY,
+        server_id text COLLATE "C" NOT NULL,
+        sid text COLLATE "C" NOT NULL,
+        t double precision NOT NULL,
+        marks text NOT NULL,
+        text text NOT NULL,
+        ftext text)""",
+    "CREATE INDEX IF NOT EXISTS output_lines_trgm ON output_lines "
+    "USING gin ((COALESCE(ftext, text)) gin_trgm_ops)",
+    """CREATE TABLE IF NOT EXISTS output_state (
+        server_id text NOT NULL,
+        sid text NOT NULL,
+        state text,
+        partial bigint,
+        PRIMARY KEY (server_id, sid))""",
+    "CREATE INDEX IF NOT EXISTS events_command_trgm ON events "
+    "USING gin ((COALESCE(ftext, text)) gin_trgm_ops) "
+    "WHERE event IN ('session.command', 'exec')",
 ]
 # Per connection; its rows go at each commit. COPY into it, then one INSERT ... SELECT: no
 # round trip per event.
@@ -252,6 +278,8 @@ class PostgresStore(Store):
                                      f"{SCHEMA_VERSION}: upgrade sshtrail")
                 if version == 0:
                     c.execute("INSERT INTO sshtrail_schema VALUES (%s)", (SCHEMA_VERSION,))
+                elif version < SCHEMA_VERSION:  # the statements above added what was missing
+                    c.execute("UPDATE sshtrail_schema SET version = %s", (SCHEMA_VERSION,))
         except psycopg.Error as e:
             self.close()
             raise StoreError(f"cannot create the schema in the PostgreSQL store {self.shown}: "
@@ -379,10 +407,48 @@ class PostgresStore(Store):
             _texts((server_id, sid, json.dumps(meta), updated, login, hostname)))
 
     @_pg_errors
-    def put_chunk(self, server_id: str, sid: str, seq: int, size: int, stored_size: int) -> bool:
-        return self._run(
-            "INSERT INTO chunks VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
-            _texts((server_id, sid, seq, size, stored_size))) == 1
+    def put_chunk(self, server_id: str, sid: str, seq: int, size: int, stored_size: int,
+                  index: OutputIndexer | None = None) -> bool:
+        server_id, sid = _text(server_id), _text(sid)
+        with self._use() as c, c.transaction():
+            # A retry racing its original in another process waits here on the unique key,
+            # then finds it stored and indexes nothing.
+            new = c.execute("INSERT INTO chunks VALUES (%s, %s, %s, %s, %s) "
+                            "ON CONFLICT DO NOTHING",
+                            (server_id, sid, seq, size, stored_size)).rowcount == 1
+            if new and index is not None:
+                self._index_output(c, server_id, sid, index)
+        return new
+
+    def _index_output(self, c, server_id: str, sid: str, index: OutputIndexer) -> None:
+        # The state row is locked until commit: the next chunk, in whatever process, reads
+        # what this one leaves.
+        c.execute("INSERT INTO output_state (server_id, sid) VALUES (%s, %s) "
+                  "ON CONFLICT DO NOTHING", (server_id, sid))
+        state, partial = c.execute(
+            "SELECT state, partial FROM output_state WHERE server_id = %s AND sid = %s "
+            "FOR UPDATE", (server_id, sid)).fetchone()
+        out = index(state)
+        if out.replaces_partial and partial is not None:
+            c.execute("DELETE FROM output_lines WHERE id = %s", (partial,))
+        rows = [(server_id, sid, ln.offset, ln.marks, _text(ln.text), _text(fold(ln.text)))
+                for ln in out.lines]
+        if rows:
+            with c.cursor() as cur:
+                cur.executemany("INSERT INTO output_lines (server_id, sid, t, marks, text, ftext) "
+                                "VALUES (%s, %s, %s, %s, %s, %s)", rows)
+        if out.state is not None:
+            new_partial = None
+            if out.partial is not None:
+                ln = out.partial
+                new_partial = c.execute(
+                    "INSERT INTO output_lines (server_id, sid, t, marks, text, ftext) "
+                    "VALUES (%s, %s, %s, %s, %s, %s) RETURNING id",
+                    (server_id, sid, ln.offset, ln.marks, _text(ln.text),
+                     _text(fold(ln.text)))).fetchone()[0]
+            c.execute("UPDATE output_state SET state = %s, partial = %s "
+                      "WHERE server_id = %s AND sid = %s",
+                      (out.state, new_partial, server_id, sid))
 
     @_pg_errors
     def recording(self, server_id: str | None, sid: str) -> dict | None:
@@ -424,6 +490,43 @@ class PostgresStore(Store):
             _texts(params) + [limit])
         return [{"server_id": s, "sid": sid, "meta": json.loads(m), "updated": u, "bytes": int(b)}
                 for s, sid, m, u, b in rows]
+
+    # -- search -------------------------------------------------------------------------------
+    @_pg_errors
+    def search(self, q: SearchQuery) -> SearchPage:
+        folded = search.fold_query(q.text)
+        pattern = like_pattern(folded)
+        started = "(r.meta::json->>'started')::float8"
+        parts, params = [], []
+        if "output" in q.kinds:
+            parts.append(
+                "SELECT 'output'::text AS kind, o.server_id AS server_id, o.id AS ord, "
+                "o.sid AS sid, r.login AS login, COALESCE(r.server_hostname, (SELECT "
+                "min(h.hostname) FROM hostnames h WHERE h.server_id = o.server_id)) AS hostname, "
+                f"round(({started} + o.t) * 1000000)::bigint AS ts, o.t AS t, o.marks AS marks, "
+                "o.text AS text, NULL::text AS uid "
+                "FROM output_lines o LEFT JOIN recordings r "
+                "ON r.server_id = o.server_id AND r.sid = o.sid "
+                "WHERE COALESCE(o.ftext, o.text) LIKE %s ESCAPE '\\'")
+            params.append(pattern)
+        if "command" in q.kinds:
+            parts.append(
+                "SELECT 'command'::text AS kind, e.server_id AS server_id, e.seq AS ord, "
+                "e.sid AS sid, e.login AS login, e.server_hostname AS hostname, e.ts AS ts, "
+                f"(e.ts - round({started} * 1000000)) / 1000000.0 AS t, ''::text AS marks, "
+                "e.text AS text, e.uid AS uid "
+                "FROM events e LEFT JOIN recordings r ON r.server_id = e.server_id "
+                "AND r.sid = e.sid WHERE e.event IN ('session.command', 'exec') "
+                "AND COALESCE(e.ftext, e.text) LIKE %s ESCAPE '\\'")
+            params.append(pattern)
+        if not parts:
+            return make_search_page([], q.limit, folded)
+        where, wparams = search_filter(q, "%s")
+        rows = self._all(
+            f"SELECT * FROM (SELECT *, COALESCE(ts, -1) AS sort FROM ({' UNION ALL '.join(parts)}"
+            f") u) s {where} ORDER BY sort DESC, kind DESC, server_id DESC, ord DESC LIMIT %s",
+            _texts(params + wparams) + [q.limit + 1])
+        return make_search_page(rows, q.limit, folded)
 
     # -- hosts, enrollment, readers -----------------------------------------------------------
     @_pg_errors

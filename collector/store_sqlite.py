@@ -24,10 +24,12 @@ from contextlib import contextmanager
 from sshtrail.chain import GENESIS
 from sshtrail.events import EventError, parse_time
 
-from .store import (BatchProof, EventPage, EventQuery, Host, IngestResult, Store, StoreConflict,
+from . import search
+from .store import (BadQuery, BatchProof, EventPage, EventQuery, Hit, Host, IngestResult,
+                    Line, OutputIndexer, SearchPage, SearchQuery, Store, StoreConflict,
                     StoreError, StoredEvent)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUSY_TIMEOUT_S = 30.0
 PAGE_SIZE = 16384
 MAX_IDLE = 8  # connections kept open between calls
@@ -149,6 +151,53 @@ def make_page(rows: list, limit: int) -> EventPage:
     return EventPage(events=[json.loads(r[0]) for r in rows], next=nxt)
 
 
+def search_filter(q: SearchQuery, ph: str) -> tuple[str, list]:
+    """WHERE over the rows of a search (columns kind, server_id, ord, login, hostname, ts,
+    sort), and its parameters."""
+    if q.limit < 1:
+        raise BadQuery(f"search limit must be at least 1, got {q.limit}")
+    conds: list[str] = []
+    params: list = []
+    if q.login is not None:
+        conds.append(f"login = {ph}")
+        params.append(q.login)
+    if q.server_id is not None:
+        # A host's recordings do not name its hostname: its events do (the hostnames table).
+        conds.append(f"(server_id = {ph} OR hostname = {ph} OR server_id IN "
+                     f"(SELECT server_id FROM hostnames WHERE hostname = {ph}))")
+        params += [q.server_id] * 3
+    if q.since is not None:
+        conds.append(f"ts >= {ph}")
+        params.append(epoch_us(q.since))
+    if q.until is not None:
+        conds.append(f"ts < {ph}")
+        params.append(epoch_us(q.until))
+    if q.before is not None:
+        conds.append(f"(sort, kind, server_id, ord) < ({ph}, {ph}, {ph}, {ph})")
+        params += list(search.decode_cursor(q.before))
+    return ("WHERE " + " AND ".join(conds) if conds else ""), params
+
+
+def make_search_page(rows: list, limit: int, folded: str) -> SearchPage:
+    """rows: (kind, server_id, ord, sid, login, hostname, ts, t, marks, text, uid, sort), at
+    most limit+1 (the +1 says an older page exists)."""
+    more = len(rows) > limit
+    rows = rows[:limit]
+    hits = []
+    for kind, server_id, _, sid, login, hostname, ts, t, marks, text, uid, _ in rows:
+        if kind == "output":
+            offset, line = search.output_hit(text, t, marks, folded)
+            time_ = None if ts is None else (ts / 1e6 - t + offset)
+        else:
+            offset, line, time_ = t, search.command_hit(text, folded), ts / 1e6
+        hits.append(Hit(kind=kind, server_id=server_id, sid=sid, login=login, hostname=hostname,
+                        time=time_, offset=None if offset is None else search.ceil_us(offset),
+                        line=line, uid=uid))
+    last = rows[-1] if rows else None
+    nxt = search.encode_cursor((last[11], last[0], last[1], last[2])) if more else None
+    return SearchPage(hits=hits, next=nxt)
+
+
 def check_batch(events: list[StoredEvent], proof: BatchProof) -> None:
     for e in events:
         if e.server_id != proof.server_id:
@@ -257,6 +306,60 @@ CREATE TABLE readers (
     name TEXT NOT NULL,
     created REAL NOT NULL
 );
+"""
+
+# Version 2: search (collector.search). FTS5 with the trigram tokenizer finds any substring of
+# 3 characters or more; it indexes the case-folded text (`ftext` where folding changes it, as
+# for events) with case_sensitive 1, so that matching is Python's casefold, as on PostgreSQL.
+# Output lines are an external-content index over a view (the text is kept once, in
+# output_lines, whose INTEGER PRIMARY KEY is a rowid VACUUM cannot renumber), detail=none and
+# queried with GLOB: FTS5 narrows the rows by their trigrams and checks each against the text,
+# for an index about a third the size of detail=full's (bench/search) at some ms per query.
+# Commands are a contentless index over their events (no text to check against, so detail=full
+# and a phrase query), mapped through command_lines (events' own rowid is not stable), filled
+# by a trigger so that only an event new to the store is indexed.
+_SEARCH_SCHEMA = """
+CREATE TABLE output_lines (
+    id INTEGER PRIMARY KEY,
+    server_id TEXT NOT NULL,
+    sid TEXT NOT NULL,
+    t REAL NOT NULL,
+    marks TEXT NOT NULL,
+    text TEXT NOT NULL,
+    ftext TEXT
+);
+CREATE VIEW output_folded AS SELECT id, COALESCE(ftext, text) AS body FROM output_lines;
+CREATE VIRTUAL TABLE output_fts USING fts5(body, content='output_folded', content_rowid='id',
+    tokenize='trigram case_sensitive 1', detail=none);
+CREATE TABLE output_state (
+    server_id TEXT NOT NULL,
+    sid TEXT NOT NULL,
+    state TEXT NOT NULL,
+    partial INTEGER,
+    PRIMARY KEY (server_id, sid)
+);
+CREATE TABLE command_lines (
+    id INTEGER PRIMARY KEY,
+    server_id TEXT NOT NULL,
+    uid TEXT NOT NULL
+);
+CREATE VIRTUAL TABLE command_fts USING fts5(body, content='',
+    tokenize='trigram case_sensitive 1');
+CREATE TRIGGER events_to_command_fts AFTER INSERT ON events
+WHEN new.event IN ('session.command', 'exec') AND new.text <> ''
+BEGIN
+    INSERT INTO command_lines (server_id, uid) VALUES (new.server_id, new.uid);
+    INSERT INTO command_fts (rowid, body) VALUES (last_insert_rowid(),
+                                                  COALESCE(new.ftext, new.text));
+END;
+"""
+# A store of version 1 gets the commands it already holds indexed when it is opened; the output
+# of its recordings stays unindexed (their bytes are in the blob store, not here).
+_SEARCH_BACKFILL = """
+INSERT INTO command_lines (server_id, uid) SELECT server_id, uid FROM events
+    WHERE event IN ('session.command', 'exec') AND text <> '' ORDER BY ts;
+INSERT INTO command_fts (rowid, body) SELECT c.id, COALESCE(e.ftext, e.text)
+    FROM command_lines c JOIN events e ON e.server_id = c.server_id AND e.uid = c.uid;
 """
 
 _EVENT_COLS = ("server_id, uid, seq, prev_hash, hash, time, ts, event, login, sid, "
@@ -371,9 +474,12 @@ class SqliteStore(Store):
                     if c.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
                         raise StoreError(f"{self.path} is an SQLite file but not an sshtrail "
                                          "store: give the collector a new file name")
-                    for stmt in _SCHEMA.split(";"):
-                        if stmt.strip():
-                            c.execute(stmt)
+                    for stmt in _statements(_SCHEMA + _SEARCH_SCHEMA):
+                        c.execute(stmt)
+                    c.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                elif version == 1:
+                    for stmt in _statements(_SEARCH_SCHEMA + _SEARCH_BACKFILL):
+                        c.execute(stmt)
                     c.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
                 elif version > SCHEMA_VERSION:
                     raise StoreError(f"SQLite store {self.path} has schema version {version}, "
@@ -505,10 +611,44 @@ class SqliteStore(Store):
                       (server_id, sid, json.dumps(meta), updated, login, hostname))
 
     @_sqlite_errors
-    def put_chunk(self, server_id: str, sid: str, seq: int, size: int, stored_size: int) -> bool:
+    def put_chunk(self, server_id: str, sid: str, seq: int, size: int, stored_size: int,
+                  index: OutputIndexer | None = None) -> bool:
         with self._tx() as c:
-            return c.execute("INSERT INTO chunks VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                             (server_id, sid, seq, size, stored_size)).rowcount == 1
+            new = c.execute("INSERT INTO chunks VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                            (server_id, sid, seq, size, stored_size)).rowcount == 1
+            if new and index is not None:
+                self._index_output(c, server_id, sid, index)
+        return new
+
+    def _index_output(self, c, server_id: str, sid: str, index: OutputIndexer) -> None:
+        # The write lock is held (BEGIN IMMEDIATE): no other process reads this state meanwhile.
+        row = c.execute("SELECT state, partial FROM output_state WHERE server_id = ? AND sid = ?",
+                        (server_id, sid)).fetchone()
+        out = index(row[0] if row else None)
+        if out.replaces_partial and row and row[1] is not None:
+            old = c.execute("SELECT COALESCE(ftext, text) FROM output_lines WHERE id = ?",
+                            (row[1],)).fetchone()
+            if old:
+                c.execute("INSERT INTO output_fts (output_fts, rowid, body) "
+                          "VALUES ('delete', ?, ?)", (row[1], old[0]))
+                c.execute("DELETE FROM output_lines WHERE id = ?", (row[1],))
+        for line in out.lines:
+            self._add_line(c, server_id, sid, line)
+        if out.state is not None:
+            partial = self._add_line(c, server_id, sid, out.partial) if out.partial else None
+            c.execute("INSERT INTO output_state VALUES (?, ?, ?, ?) ON CONFLICT (server_id, sid) "
+                      "DO UPDATE SET state = excluded.state, partial = excluded.partial",
+                      (server_id, sid, out.state, partial))
+
+    @staticmethod
+    def _add_line(c, server_id: str, sid: str, line: Line) -> int:
+        ftext = fold(line.text)
+        rowid = c.execute("INSERT INTO output_lines (server_id, sid, t, marks, text, ftext) "
+                          "VALUES (?, ?, ?, ?, ?, ?)",
+                          (server_id, sid, line.offset, line.marks, line.text, ftext)).lastrowid
+        c.execute("INSERT INTO output_fts (rowid, body) VALUES (?, ?)",
+                  (rowid, ftext if ftext is not None else line.text))
+        return rowid
 
     @_sqlite_errors
     def recording(self, server_id: str | None, sid: str) -> dict | None:
@@ -547,6 +687,42 @@ class SqliteStore(Store):
             params + [limit])
         return [{"server_id": s, "sid": sid, "meta": json.loads(m), "updated": u, "bytes": b}
                 for s, sid, m, u, b in rows]
+
+    # -- search -------------------------------------------------------------------------------
+    @_sqlite_errors
+    def search(self, q: SearchQuery) -> SearchPage:
+        folded = search.fold_query(q.text)
+        parts, params = [], []
+        started = "json_extract(r.meta, '$.started')"
+        if "output" in q.kinds:
+            # ts: when the line began, epoch microseconds (NULL without recording metadata).
+            parts.append(
+                "SELECT 'output' AS kind, o.server_id AS server_id, o.id AS ord, o.sid AS sid, "
+                "r.login AS login, COALESCE(r.server_hostname, (SELECT min(h.hostname) "
+                "FROM hostnames h WHERE h.server_id = o.server_id)) AS hostname, "
+                f"CAST(round(({started} + o.t) * 1000000) AS INTEGER) AS ts, o.t AS t, "
+                "o.marks AS marks, o.text AS text, NULL AS uid "
+                "FROM output_fts f JOIN output_lines o ON o.id = f.rowid "
+                "LEFT JOIN recordings r ON r.server_id = o.server_id AND r.sid = o.sid "
+                "WHERE f.body GLOB ?")
+            params.append(search.glob_pattern(folded))
+        if "command" in q.kinds:
+            parts.append(
+                "SELECT 'command' AS kind, e.server_id AS server_id, e.seq AS ord, e.sid AS sid, "
+                "e.login AS login, e.server_hostname AS hostname, e.ts AS ts, "
+                f"(e.ts - round({started} * 1000000)) / 1000000.0 AS t, '' AS marks, "
+                "e.text AS text, e.uid AS uid "
+                "FROM command_fts f JOIN command_lines l ON l.id = f.rowid "
+                "JOIN events e ON e.server_id = l.server_id AND e.uid = l.uid "
+                "LEFT JOIN recordings r ON r.server_id = e.server_id AND r.sid = e.sid "
+                "WHERE command_fts MATCH ?")
+            params.append(search.fts_phrase(folded))
+        where, wparams = search_filter(q, "?")
+        rows = self._all(
+            f"SELECT * FROM (SELECT *, COALESCE(ts, -1) AS sort FROM ({' UNION ALL '.join(parts)})"
+            f") {where} ORDER BY sort DESC, kind DESC, server_id DESC, ord DESC LIMIT ?",
+            params + wparams + [q.limit + 1]) if parts else []
+        return make_search_page(rows, q.limit, folded)
 
     # -- hosts, enrollment, readers -----------------------------------------------------------
     @_sqlite_errors
@@ -605,6 +781,18 @@ class SqliteStore(Store):
     def reader(self, token_hash: str) -> str | None:
         row = self._one("SELECT name FROM readers WHERE token_hash = ?", (token_hash,))
         return row[0] if row else None
+
+
+def _statements(script: str) -> list[str]:
+    """The statements of a script, whole: a trigger's body holds semicolons of its own."""
+    out, part = [], ""
+    for line in script.splitlines(keepends=True):
+        part += line
+        if sqlite3.complete_statement(part):
+            out.append(part.strip())
+            part = ""
+    assert not part.strip(), part
+    return out
 
 
 def _host(r) -> Host:

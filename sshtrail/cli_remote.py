@@ -1,8 +1,8 @@
 """The `sshtrail` subcommands about central collection: the collector service and its CA
 (`collector init|serve|enroll-token|reader-token|revoke`), a host joining it (`enroll`), the
 uploader's backlog (`status`), the integrity check (`verify`), and reading from a collector
-(`--collector URL` of events, sessions, export). Thin: each parses, calls one library function,
-prints.
+(`--collector URL` of events, sessions, export, and `search`). Thin: each parses, calls one
+library function, prints.
 """
 from __future__ import annotations
 
@@ -21,6 +21,17 @@ EXAMPLES = """examples:
   sshtrail collector reader-token alice > t     an auditor's read token
   sshtrail events --collector https://c:8443 --token-file t --user bob --since 1h
   sshtrail verify                               gaps, edits, bad signatures (exit 1 if any)
+"""
+
+SEARCH_EXAMPLES = """The text is literal and case-insensitive, 3 characters at least; it is looked
+for in every line that appeared on a recorded screen (typed commands too: shells echo them)
+and in every command a session ran. Newest first.
+
+examples:
+  sshtrail search 'rm -rf /tmp/x' --collector https://c:8443 --token-file t
+  sshtrail search marker-42 --user bob --host web-1 --since 2d --collector https://c:8443
+  sshtrail search 'DROP TABLE' --kind command --json --collector https://c:8443
+then: sshtrail play SID --at OFFSET   opens the recording where the text was on screen
 """
 
 
@@ -157,6 +168,33 @@ def reader(args, cfg):
     return Reader(args.collector, _read_token(args.token_file, "SSHTRAIL_READER_TOKEN"), ca_file)
 
 
+def cmd_search(args, cfg) -> int:
+    from sshtrail.cli import _safe, parse_since
+    if not args.collector:
+        raise SshtrailError("search runs at the collector: add --collector URL (and a reader "
+                            "token: --token-file FILE or $SSHTRAIL_READER_TOKEN)")
+    since = parse_since(args.since) if args.since else None
+    hits = reader(args, cfg).search(
+        args.text, user=args.user, host=args.host, kind=args.kind, limit=args.limit,
+        since=events.format_time(since) if since is not None else None)
+    if args.json:
+        for h in hits:
+            print(json.dumps(h, sort_keys=True))
+        return 0
+    if not hits:
+        print(f"no match for {_safe(args.text)!r}", file=sys.stderr)
+        return 1
+    for h in hits:
+        when = (h["time"] or "?")[:23].replace("T", " ")
+        who = f"{_safe(h['login'] or '?')}@{_safe(h['server_hostname'] or h['server_id'])}"
+        offset = f"+{h['offset']:.3f}s" if h["offset"] is not None else "-"
+        print(f"{when}  {who}  {_safe(h['sid'] or '-')}  {offset}  {h['kind']}: "
+              f"{_safe(h['line'])}")
+        if h["offset"] is not None and h["sid"]:
+            print(f"    sshtrail play {_safe(h['sid'])} --at {h['offset']:g}")
+    return 0
+
+
 def add_collector_options(sp) -> None:
     sp.add_argument("--collector", metavar="URL", help="ask this collector instead of the spool")
     sp.add_argument("--token-file", metavar="FILE",
@@ -205,5 +243,16 @@ def add_parsers(sub, add, common) -> None:
                     help="read the token from FILE (default: $SSHTRAIL_ENROLL_TOKEN)")
     sp = add("status", cmd_status, "the uploader's backlog, lag and last error")
     sp.add_argument("--json", action="store_true")
+    sp = add("search", cmd_search, "find text seen on recorded screens, or run as a command")
+    sp.epilog, sp.formatter_class = SEARCH_EXAMPLES, argparse.RawDescriptionHelpFormatter
+    sp.add_argument("text", metavar="QUERY", help="literal text, 3 characters at least")
+    sp.add_argument("--user", help="only this login")
+    sp.add_argument("--host", help="only this host (server_id or hostname)")
+    sp.add_argument("--since", help="only newer than this: 10m, 2h, 3d or an RFC 3339 time")
+    sp.add_argument("--kind", choices=["output", "command"],
+                    help="only screen output, or only commands (default both)")
+    sp.add_argument("--limit", type=int, default=50, help="at most this many hits (50)")
+    sp.add_argument("--json", action="store_true", help="one JSON object a hit")
+    add_collector_options(sp)
     sp = add("verify", cmd_verify, "check the collector's store: gaps, edits, bad signatures")
     sp.add_argument("--host", metavar="SERVER_ID", help="only this host")

@@ -1,6 +1,6 @@
 """Reading from a collector as an auditor: events, sessions, recordings (HTTPS + reader token).
 
-Used by `sshtrail events|sessions|export --collector URL`. The collector's certificate is
+Used by `sshtrail events|sessions|export|search --collector URL`. The collector's certificate is
 checked against its CA: `--ca FILE`, else the CA this host enrolled with, else the collector's
 own (when run on the collector). Never prints the token.
 """
@@ -66,3 +66,16 @@ class Reader:
     def recording(self, sid: str, host: str | None = None) -> bytes:
         return self._get(f"/v1/sessions/{sid}/recording", {"host": host} if host else None,
                          raw=True)
+
+    def search(self, text: str, *, limit: int = 50, **filters) -> list[dict]:
+        """Hits of a full-text search, newest first (following the pages), up to `limit`."""
+        params = {k: v for k, v in filters.items() if v is not None}
+        out, before = [], None
+        while True:
+            page = self._get("/v1/search", {**params, "q": text,
+                                            "limit": min(1000, limit - len(out)),
+                                            **({"before": before} if before else {})})
+            out += page["hits"]
+            before = page["next"]
+            if not before or len(out) >= limit:
+                return out

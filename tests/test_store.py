@@ -14,7 +14,9 @@ import psycopg
 import pytest
 
 from collector.blobs import BlobError, BlobNotFound, DirBlobStore, compress, decompress
-from collector.store import (BatchProof, EventQuery, StoreConflict, StoreError, StoredEvent)
+from collector.search import index_chunk
+from collector.store import (BatchProof, EventQuery, SearchQuery, StoreConflict, StoreError,
+                             StoredEvent)
 from collector.store_postgres import PostgresStore
 from collector.store_sqlite import SqliteStore
 from sshtrail.chain import GENESIS, link_hash
@@ -379,6 +381,175 @@ def test_sessions_newest_first_and_filtered(store):
     assert keys(store.sessions(limit=1)) == [("h1", "s1")]
 
 
+# -- search ---------------------------------------------------------------------------------
+
+def put_output(store, server_id, sid, seq, frames) -> bool:
+    """A chunk of output frames, indexed as collector.ingest does it."""
+    return store.put_chunk(server_id, sid, seq, 100, 10,
+                           lambda state: index_chunk(state, seq, frames))
+
+
+def hits(store, text, **kw):
+    page = store.search(SearchQuery(text=text, **kw))
+    return [(h.kind, h.server_id, h.sid, h.offset, h.line) for h in page.hits]
+
+
+def test_search_finds_output_with_its_offset_and_time(store):
+    store.put_recording("h1", "s1", {"login": "alice", "server_hostname": "web-1",
+                                     "started": T0}, T0)
+    typed = [(2.0 + i / 10, b"o", bytes([c])) for i, c in enumerate(b"rm -rf /tmp/x")]
+    assert put_output(store, "h1", "s1", 0, [(1.0, b"o", b"\x1b[1malice@web-1\x1b[0m:~$ ")]
+                      + typed + [(3.5, b"o", b"\r\n")])
+    page = store.search(SearchQuery(text="rm -rf /tmp/x"))
+    [h] = page.hits
+    assert (h.kind, h.server_id, h.sid, h.login, h.hostname, h.uid) == (
+        "output", "h1", "s1", "alice", "web-1", None)
+    assert h.line == "alice@web-1:~$ rm -rf /tmp/x"
+    assert h.offset == 3.2 and h.time == T0 + 3.2  # when its last character was echoed
+    assert page.next is None
+    assert hits(store, "RM -RF") == [("output", "h1", "s1", 2.5, h.line)]
+    assert hits(store, "alice@") == [("output", "h1", "s1", 1.0, h.line)]
+    assert hits(store, "rm -rf /tmp/y") == []
+
+
+def test_search_does_not_index_a_retried_chunk_twice(store):
+    store.put_recording("h1", "s1", {"login": "alice", "started": T0}, T0)
+    frames = [(0.5, b"o", b"marker-42 printed\r\n")]
+    assert put_output(store, "h1", "s1", 0, frames) is True
+    assert put_output(store, "h1", "s1", 0, frames) is False
+    assert hits(store, "marker-42") == [("output", "h1", "s1", 0.5, "marker-42 printed")]
+
+
+def test_search_line_across_chunks_and_unfinished_line(store):
+    store.put_recording("h1", "s1", {"login": "alice", "started": T0}, T0)
+    put_output(store, "h1", "s1", 0, [(1.0, b"o", b"first line\r\nhalf of a lo")])
+    # The unfinished line is searchable at once.
+    assert hits(store, "half of") == [("output", "h1", "s1", 1.0, "half of a lo")]
+    put_output(store, "h1", "s1", 1, [(2.0, b"o", b"ng line\r\nprompt$ \xe2\x82")])
+    # ... and replaced when it completes: found once, whole.
+    assert hits(store, "half of") == [("output", "h1", "s1", 1.0, "half of a long line")]
+    assert hits(store, "a long line") == [("output", "h1", "s1", 2.0, "half of a long line")]
+    put_output(store, "h1", "s1", 2, [(3.0, b"o", b"\xacuro\r\n")])  # UTF-8 split across chunks
+    assert hits(store, "€uro") == [("output", "h1", "s1", 3.0, "prompt$ €uro")]
+    assert hits(store, "prompt") == [("output", "h1", "s1", 2.0, "prompt$ €uro")]
+    # A chunk after a gap starts a clean line; the unfinished one before it stays found.
+    put_output(store, "h1", "s1", 3, [(4.0, b"o", b"tail without end")])
+    put_output(store, "h1", "s1", 5, [(6.0, b"o", b" and more\r\n")])
+    assert [x[4] for x in hits(store, "without end")] == ["tail without end"]
+    assert [x[4] for x in hits(store, "and more")] == [" and more"]
+    # A late chunk (retried after later ones) is indexed on its own; the state goes on.
+    put_output(store, "h1", "s1", 4, [(5.0, b"o", b"late one")])
+    put_output(store, "h1", "s1", 6, [(7.0, b"o", b"after\r\n")])
+    assert [x[4] for x in hits(store, "late one")] == ["late one"]
+    assert [x[4] for x in hits(store, "after")] == ["after"]
+
+
+def test_search_finds_commands_with_their_offset(store):
+    store.put_recording("h1", "s1", {"login": "bob", "started": T0}, T0)
+    ingest(store, make_events("h1", [1, 2], t0=T0 + 7, login="bob", sid="s1",
+                              kind="session.command", text="/usr/bin/rm -rf /tmp/x"))
+    ingest(store, make_events("h1", [3], t0=T0 + 20, login="bob", sid="s9", kind="exec",
+                              text="scp -t /tmp/x", prev="x"))
+    ingest(store, make_events("h1", [4], t0=T0 + 30, login="bob", sid="s1",
+                              kind="session.disk", text="/tmp/x", prev="y"))
+    got = store.search(SearchQuery(text="/tmp/x")).hits
+    assert [(h.kind, h.sid, h.offset, h.line, h.login) for h in got] == [
+        ("command", "s9", None, "scp -t /tmp/x", "bob"),             # no recording: no offset
+        ("command", "s1", 8.0, "/usr/bin/rm -rf /tmp/x", "bob"),
+        ("command", "s1", 7.0, "/usr/bin/rm -rf /tmp/x", "bob")]
+    assert got[0].time == T0 + 20 and got[0].uid and got[0].hostname == "h1.example"
+
+
+def test_search_stores_a_retried_command_batch_once(store):
+    evs = make_events("h1", [1, 2], kind="exec", text="make install")
+    ingest(store, evs)
+    ingest(store, evs)
+    assert len(hits(store, "install")) == 2
+
+
+@pytest.fixture
+def fleet(store):
+    """Output and commands of two hosts, two users, at known times."""
+    store.put_recording("h1", "a1", {"login": "alice", "server_hostname": "web-1",
+                                     "started": T0}, T0)
+    store.put_recording("h2", "b1", {"login": "bob", "server_hostname": "db-1",
+                                     "started": T0 + 100}, T0 + 100)
+    put_output(store, "h1", "a1", 0, [(float(i), b"o", f"deploy step {i}\r\n".encode())
+                                     for i in range(5)])
+    put_output(store, "h2", "b1", 0, [(float(i), b"o", f"deploy STEP {i} ok\r\n".encode())
+                                     for i in range(3)])
+    ingest(store, make_events("h2", [1], t0=T0 + 150, login="bob", sid="b1",
+                              kind="session.command", hostname="db-1", text="deploy step 9"))
+    return store
+
+
+def test_search_newest_first_across_kinds(fleet):
+    assert [(k, s, o) for k, _, s, o, _ in hits(fleet, "deploy step")] == [
+        ("command", "b1", 50.0), ("output", "b1", 2.0), ("output", "b1", 1.0),
+        ("output", "b1", 0.0), ("output", "a1", 4.0), ("output", "a1", 3.0),
+        ("output", "a1", 2.0), ("output", "a1", 1.0), ("output", "a1", 0.0)]
+
+
+@pytest.mark.parametrize("filters, expected", [
+    ({"login": "alice"}, ["a1"] * 5),
+    ({"server_id": "h2"}, ["b1"] * 4),
+    ({"server_id": "db-1"}, ["b1"] * 4),
+    ({"server_id": "web-1", "login": "bob"}, []),
+    ({"since": T0 + 101}, ["b1"] * 3),
+    ({"since": T0 + 3, "until": T0 + 101}, ["b1", "a1", "a1"]),
+    ({"kinds": ("command",)}, ["b1"]),
+    ({"kinds": ("output",), "login": "bob"}, ["b1"] * 3),
+    ({"kinds": ()}, []),
+])
+def test_search_filters(fleet, filters, expected):
+    assert [x[2] for x in hits(fleet, "deploy step", **filters)] == expected
+
+
+def test_search_names_the_host_of_output_by_its_events(store):
+    # Hosts do not put their hostname in a recording's metadata; their events carry it.
+    store.put_recording("h3", "c1", {"login": "carol", "started": T0}, T0)
+    put_output(store, "h3", "c1", 1, [(1.0, b"o", b"hello there\r\n")])
+    ingest(store, make_events("h3", [1], kind="user.login", hostname="mail-3", text=""))
+    [h] = store.search(SearchQuery(text="hello", server_id="mail-3")).hits
+    assert (h.server_id, h.hostname, h.login) == ("h3", "mail-3", "carol")
+
+
+def test_search_pages_newest_first(fleet):
+    everything = hits(fleet, "deploy", limit=100)
+    for limit in (1, 2, 4, 9):
+        got, before = [], None
+        while True:
+            page = fleet.search(SearchQuery(text="deploy", limit=limit, before=before))
+            got += [(h.kind, h.server_id, h.sid, h.offset, h.line) for h in page.hits]
+            if page.next is None:
+                break
+            before = page.next
+        assert got == everything, limit
+    assert len(everything) == 9
+
+
+def test_search_text_is_literal_and_case_folded(store):
+    store.put_recording("h1", "s1", {"login": "alice", "started": T0}, T0)
+    put_output(store, "h1", "s1", 0, [(1.0, b"o", "grep 100% STRASSE a_b \"q\" Ünï [x]*?\r\n"
+                                       "1000 axb a**b\r\n".encode())])
+    line = 'grep 100% STRASSE a_b "q" Ünï [x]*?'
+    for text in ("100%", "straße", "a_b", '"q"', "üNÏ", "STRASSE A_B", "[x]*?", "x]*"):
+        assert [x[4] for x in hits(store, text)] == [line], text
+    for text in ("0%_", "OR 1", "a*b", "a?b", "[ax]xb", "ï [x]?"):
+        assert hits(store, text) == [], text
+    for short in ("ab", "", " %"):
+        with pytest.raises(StoreError, match="too short"):
+            store.search(SearchQuery(text=short))
+    with pytest.raises(StoreError, match="cursor"):
+        store.search(SearchQuery(text="grep", before="nope"))
+
+
+def test_search_of_control_characters_and_nul(store):
+    ingest(store, make_events("h1", [1], kind="exec", text="echo \x1b]52;c;AAAA\x07 a\x00b"))
+    [h] = store.search(SearchQuery(text="echo \x1b]52")).hits
+    assert h.line.startswith("echo \x1b]52") and h.offset is None
+
+
 # -- enrollment, hosts, readers -------------------------------------------------------------
 
 def test_enroll_token_is_single_use(store):
@@ -514,6 +685,34 @@ def test_two_sqlite_stores_on_one_file_ingest_at_once(tmp_path):
         assert stores[0].chain(h) == batches[h]
     for s in stores:
         s.close()
+
+
+def test_sqlite_store_of_version_1_gets_its_commands_indexed(tmp_path):
+    path = tmp_path / "store.db"
+    s = SqliteStore(path)
+    s.close()
+    # What version 1 was: no search tables.
+    c = sqlite3.connect(path)
+    for kind, name in c.execute("SELECT type, name FROM sqlite_master WHERE name LIKE "
+                                "'output%' OR name LIKE 'command%' OR name LIKE 'events_to%'"
+                                ).fetchall():
+        if kind in ("table", "view", "trigger") and "fts_" not in name:
+            c.execute(f"DROP {kind.upper()} IF EXISTS {name}")
+    c.execute("PRAGMA user_version=1")
+    c.commit()
+    c.close()
+    c = sqlite3.connect(path)
+    ev = make_events("h1", [1], kind="exec", text="make clean")[0]
+    c.execute("INSERT INTO events (server_id, uid, seq, prev_hash, hash, time, ts, event, login, "
+              "sid, server_hostname, text, raw) VALUES (?, ?, ?, ?, ?, ?, 0, ?, ?, ?, ?, ?, ?)",
+              (ev.server_id, ev.uid, ev.seq, ev.prev_hash, ev.hash, ev.time, ev.event, ev.login,
+               ev.sid, ev.server_hostname, ev.text, ev.raw))
+    c.commit()
+    c.close()
+    s = SqliteStore(path)
+    assert [x[4] for x in hits(s, "clean")] == ["make clean"]
+    s.close()
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 2
 
 
 # -- PostgreSQL only ------------------------------------------------------------------------
