@@ -64,7 +64,10 @@ def serve(cfg, *, listen: str | None = None) -> int:
         app, host=host, port=port, http=ClientCertProtocol, lifespan="off", access_log=False,
         ssl_certfile=ca.server_cert_path, ssl_keyfile=ca.server_key_path,
         ssl_ca_certs=ca.cert_path, ssl_cert_reqs=ssl.CERT_OPTIONAL, log_level="warning",
-        timeout_keep_alive=30)
+        timeout_keep_alive=30,
+        # An idle keep-alive TLS connection (every uploader holds one) would otherwise hold
+        # a SIGTERM for as long as the peer keeps it open.
+        timeout_graceful_shutdown=3)
     log.info("collector listening on https://%s:%d (store: %s)", host, port,
              "postgresql" if cfg["collector.database"] else "sqlite")
     try:
