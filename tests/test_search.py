@@ -264,3 +264,33 @@ def test_search_needs_a_reader_token_and_a_real_query(fleet):
     assert r.returncode != 0 and "reader token" in r.stderr
     r = cli(fleet, "no such text anywhere", check=False)
     assert r.returncode == 1 and "no match" in r.stderr
+
+
+@pytest.mark.integration
+def test_play_at_a_hits_offset_shows_that_line(fleet):
+    """The search answer is a place to open: `sshtrail play SID --at OFFSET` (from the
+    collector) shows the line there; later, the line has scrolled away."""
+    from test_player import Tty
+    host = fleet["hosts"]["host-c"]
+    record(host, "host-c-scrolled", "dave", NOW - 0.2 * HOUR,
+           [[(0.5, b"dave@host-c:~$ ./job\r\n"), (3.0, b"needle-for-play-91 appeared\r\n")],
+            [(6.0 + i * 0.01, f"filler line {i}\r\n".encode()) for i in range(60)]])
+    host.drain()
+    hits = [json.loads(x) for x in cli(fleet, "needle-for-play-91", "--json").stdout.splitlines()]
+    assert [(h["sid"], h["offset"]) for h in hits] == [("host-c-scrolled", 3.0)]
+    c = fleet["collector"]
+    remote = ["--paused", "--no-status", "--collector", c.url, "--token-file",
+              str(fleet["token"]), "--ca", str(c.ca_file)]
+
+    def screen_at(at: str) -> list[str]:
+        t = Tty(["host-c-scrolled", "--at", at, *remote])
+        try:
+            t.pump(10, until=lambda: any("dave@host-c" in line or "filler" in line
+                                         for line in t.viewer.screen.display))
+            t.pump(0.3)
+            return list(t.viewer.screen.display)
+        finally:
+            t.key("q", settle=0)
+            t.finish()
+    assert any("needle-for-play-91 appeared" in line for line in screen_at(str(hits[0]["offset"])))
+    assert not any("needle-for-play-91" in line for line in screen_at("6.6"))
