@@ -5,6 +5,7 @@ and a recorded interactive session, and what they left, shown back from the host
 from the collector. Everything it creates (collector, sshd, PAM service file, users) is removed
 at the end; the host's own sshd is never touched."""
 import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -15,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from collector_proc import CollectorProc, enroll_trail  # noqa: E402
 from lab import Lab  # noqa: E402
 from terminal import PROMPT, Terminal, shell_user  # noqa: E402
-from trail import Trail  # noqa: E402
+from trail import SSHTRAIL, Trail  # noqa: E402
 
 
 def say(text: str) -> None:
@@ -97,6 +98,17 @@ def main() -> int:
                 print(trail.cli("sessions", *remote).stdout.rstrip())
                 say("sshtrail verify  (on the collector: sequence, hash chain, batch signatures)")
                 print(collector.verify().stdout.rstrip())
+                say("sshtrail search 'recorded at' --collector URL  (what appeared on screen, and commands)")
+                print(trail.cli("search", "recorded at", *remote, check=False).stdout.rstrip())
+                if sys.stdout.isatty():
+                    say(f"sshtrail play {sid} --speed 4 --collector URL  (space pauses, arrows seek, q quits)")
+                    time.sleep(1)
+                    subprocess.run(SSHTRAIL + ["play", sid, "--speed", "4", "--config",
+                                               str(trail.config), *remote])
+                else:
+                    say(f"sshtrail export {sid} --format text --collector URL  (not a terminal: "
+                        "the screen as text instead of a replay)")
+                    print(trail.cli("export", sid, "--format", "text", *remote).stdout.rstrip())
             finally:
                 collector.close()
                 trail.uninstall()
