@@ -5,10 +5,11 @@ VENV := .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := openssh-server openssh-client sshpass python3-venv python3-dev python3-bpfcc \
                 linux-headers-amd64 asciinema sqlite3 libpam-modules passwd procps rsync util-linux \
-                postgresql
+                postgresql \
+                binutils rpm lintian debootstrap systemd
 KREL := $(shell uname -r)
 
-.PHONY: demo test setup system venv bench clean
+.PHONY: demo test setup system venv bench clean deb rpm
 
 demo: setup
 	$(PY) tests/demo.py
@@ -52,6 +53,26 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	[ -x $(PY) ] || /usr/bin/python3 -m venv --system-site-packages $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
 	touch $@
+
+# Packages (packaging/build.py; packaging/README.md says what goes where). Rebuilt only when a
+# file they are made of changed; the tests call these targets too.
+VERSION := $(shell sed -n 's/^version *= *//p' setup.cfg)
+PKG_SOURCES := setup.cfg README.md $(shell find sshtrail pam_module session_wrapper ebpf collector \
+                 packaging -type f -not -path '*/__pycache__/*' -not -name '*.pyc' 2>/dev/null)
+DEBS := dist/sshtrail_$(VERSION)-1_all.deb dist/sshtrail-collector_$(VERSION)-1_amd64.deb
+RPMS := dist/sshtrail-$(VERSION)-1.x86_64.rpm dist/sshtrail-collector-$(VERSION)-1.x86_64.rpm
+
+deb: setup
+	@$(MAKE) --no-print-directory $(DEBS)
+
+rpm: setup
+	@$(MAKE) --no-print-directory $(RPMS)
+
+$(DEBS) &: $(PKG_SOURCES)
+	$(PY) packaging/build.py deb
+
+$(RPMS) &: $(PKG_SOURCES)
+	$(PY) packaging/build.py rpm
 
 clean:
 	rm -rf $(VENV) *.egg-info build dist
