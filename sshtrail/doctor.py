@@ -1,14 +1,28 @@
 """`sshtrail doctor`: check a host end to end and say, per line, OK or what is wrong and how to
 fix it. Read-only: it looks, it never repairs. Part of the command layer (it may import the
 ebpf component, to try loading the tracer the way the agent would).
+
+The checks, in order: the PAM hooks (and that the programs they run exist), sshd's effective
+config (`sshd -T`: ForceCommand into the wrapper, LogLevel, UsePAM), sshd's log for the agent,
+the spool (writable, and what waits in it), the agent's socket, BPF, and the link to the
+collector: enrollment files, the host certificate's validity and expiry, and the collector
+reached over mutual TLS with that certificate (GET /healthz). Network checks are bounded by
+a few seconds each.
 """
 from __future__ import annotations
 
 import os
 import socket
 import subprocess
+import time
 from dataclasses import dataclass
 from pathlib import Path
+
+# A host certificate closer than this to its end is reported, so it is renewed in time.
+CERT_RENEW_BEFORE = 14 * 86400
+# Undelivered events older than this, on an enrolled host, mean uploads are not getting through.
+BACKLOG_STALE = 600.0
+HEALTH_TIMEOUT = 5.0
 
 
 @dataclass
@@ -25,9 +39,12 @@ class Check:
 
 def run_checks(cfg, *, pam_service: str, sshd_config: str, sshd_binary: str,
                bpf: bool = True) -> list[Check]:
-    checks = [_pam(pam_service), *_sshd(sshd_config, sshd_binary), _spool(cfg), _agent(cfg)]
+    checks = [_pam(pam_service), *_sshd(sshd_config, sshd_binary), _sshd_log(cfg)]
+    spool_check, backlog = _spool(cfg)
+    checks += [spool_check, _agent(cfg)]
     if bpf:
         checks.append(_bpf(cfg))
+    checks += _collector(cfg, backlog)
     return checks
 
 
@@ -38,15 +55,22 @@ def _pam(service: str) -> Check:
     except OSError as e:
         return Check("PAM hook", False, f"cannot read {path}: {e.strerror}",
                      "give the right --pam-service, or run `sshtrail install`")
-    missing = [t for t in ("auth", "account", "session") if not _hook_line(text, t)]
+    lines = {t: _hook_line(text, t) for t in ("auth", "account", "session")}
+    missing = [t for t, words in lines.items() if not words]
     if missing:
         return Check("PAM hook", False, f"{path} lacks sshtrail's {', '.join(missing)} hook",
                      "run `sshtrail install` (it puts back exactly what is missing)")
+    gone = sorted({p for words in lines.values() for p in _programs(words)
+                   if not os.path.exists(p)})
+    if gone:
+        return Check("PAM hook", False, f"{path} has the hooks, but they run {', '.join(gone)}, "
+                     "which does not exist (sshtrail moved or was removed since install)",
+                     "run `sshtrail install` again from the sshtrail you use now")
     return Check("PAM hook", True, f"{path} has the auth, account and session hooks")
 
 
-def _hook_line(text: str, pam_type: str) -> bool:
-    """Whether sshtrail's marked block for this stack holds its pam_exec line."""
+def _hook_line(text: str, pam_type: str) -> list[str]:
+    """The words of the pam_exec line in sshtrail's marked block for this stack, or []."""
     lines = text.splitlines()
     for i, line in enumerate(lines):
         if line.startswith(f"# >>> sshtrail {pam_type} hook"):
@@ -55,8 +79,14 @@ def _hook_line(text: str, pam_type: str) -> bool:
                     break
                 words = inner.split()
                 if words[:1] == [pam_type] and "pam_exec.so" in words:
-                    return True
-    return False
+                    return words
+    return []
+
+
+def _programs(words: list[str]) -> list[str]:
+    """The absolute paths a hook or ForceCommand line runs: the interpreter and our files."""
+    return [w for w in words if w.startswith("/") and (w.endswith((".py", ".sh"))
+                                                       or "python" in os.path.basename(w))]
 
 
 def _sshd(config: str, binary: str) -> list[Check]:
@@ -75,9 +105,16 @@ def _sshd(config: str, binary: str) -> list[Check]:
         eff.setdefault(key.lower(), value)
     out = []
     fc = eff.get("forcecommand", "none")
-    out.append(Check("session wrapper", "session_wrapper/shell.py" in fc,
-                     f"ForceCommand in effect: {fc}",
-                     "run `sshtrail install` (without --no-wrapper) and reload sshd"))
+    gone = [p for p in _programs(fc.split()) if not os.path.exists(p)]
+    if "session_wrapper/shell.py" in fc and gone:
+        # Every session would fail at once: the most urgent line doctor can print.
+        out.append(Check("session wrapper", False, f"ForceCommand in effect: {fc}, but "
+                         f"{', '.join(gone)} does not exist: every session fails",
+                         "run `sshtrail install` again (or `sshtrail uninstall`) and reload sshd"))
+    else:
+        out.append(Check("session wrapper", "session_wrapper/shell.py" in fc,
+                         f"ForceCommand in effect: {fc}",
+                         "run `sshtrail install` (without --no-wrapper) and reload sshd"))
     level = eff.get("loglevel", "").upper()
     out.append(Check("sshd log level", level in ("VERBOSE", "DEBUG", "DEBUG1", "DEBUG2", "DEBUG3"),
                      f"LogLevel {level}: refused keys are logged from VERBOSE up",
@@ -87,18 +124,47 @@ def _sshd(config: str, binary: str) -> list[Check]:
     return out
 
 
-def _spool(cfg) -> Check:
+def _sshd_log(cfg) -> Check:
+    path = cfg["sshd_log.path"]
+    if os.access(path, os.R_OK):
+        return Check("sshd log", True, f"{path} readable (refusals PAM never sees come from it)")
+    why = "does not exist" if not os.path.exists(path) else "is not readable"
+    return Check("sshd log", False, f"{path} {why}: refused keys and unknown users are not "
+                 "recorded", "install rsyslog (Debian 12 logs to the journal only: it writes "
+                 "/var/log/auth.log), or point sshd_log.path at the file sshd logs to")
+
+
+def _spool(cfg) -> tuple[Check, dict | None]:
     from .spool import Spool, SpoolError
+    path = cfg["spool.path"]
+    if not os.path.exists(path):
+        # Not created here: doctor only looks. The agent, install or the first login make it.
+        parent = os.path.dirname(path) or "."
+        while not os.path.exists(parent):
+            parent = os.path.dirname(parent)
+        if os.access(parent, os.W_OK | os.X_OK):
+            return Check("spool", True, f"{path} not created yet ({parent} is writable; the "
+                         "agent or the first login creates it); backlog 0"), None
+        return Check("spool", False, f"{path} does not exist and {parent} is not writable",
+                     f"make {os.path.dirname(path)} a writable directory for root, or set "
+                     "spool.path"), None
     try:
         spool = Spool.from_config(cfg)
     except SpoolError as e:
         return Check("spool", False, str(e), f"make {os.path.dirname(cfg['spool.path'])} a "
-                     "writable directory for root, or set spool.path")
+                     "writable directory for root, or set spool.path"), None
     try:
-        backlog = spool.count(sent=False)
+        backlog = spool.backlog()
     finally:
         spool.close()
-    return Check("spool", True, f"{cfg['spool.path']} writable; {backlog} event(s) not yet delivered")
+    detail = f"{cfg['spool.path']} writable; backlog {backlog['events']} event(s)"
+    if backlog["events"] and backlog["oldest"]:
+        detail += f" (oldest {backlog['oldest'][:19]}Z)"
+    detail += f", {backlog['chunks']} recording chunk(s) ({backlog['chunk_bytes']} bytes)"
+    if backlog["rejected"]:
+        # Dead-lettered by the collector: kept, never re-sent. Worth knowing, not a fault here.
+        detail += f"; {backlog['rejected']} rejected by the collector (see `sshtrail status`)"
+    return Check("spool", True, detail), backlog
 
 
 def _agent(cfg) -> Check:
@@ -126,3 +192,95 @@ def _bpf(cfg) -> Check:
                if "python3-bpfcc" in str(e) else "as the reason says")
         return Check("eBPF host events", False, str(e), fix)
     return Check("eBPF host events", True, "the tracer's probes load and attach")
+
+
+def _collector(cfg, backlog: dict | None) -> list[Check]:
+    """Enrollment, the host certificate, the collector over mutual TLS, and whether the backlog
+    is moving. Not enrolled is a failure: events then never leave this host."""
+    try:
+        from . import enroll, signing
+    except ImportError as e:
+        # A doctor that dies of a missing library would hide every other line.
+        return [Check("enrollment", False, f"cannot check: {e}",
+                      "install sshtrail's dependencies (python3-cryptography, python3-requests)")]
+    url = enroll.collector_url(cfg)
+    ident = cfg["upload.identity_dir"]
+    files = {n: os.path.join(ident, n) for n in (enroll.HOST_KEY, enroll.HOST_CERT, enroll.CA_CERT)}
+    missing = [n for n, p in files.items() if not os.path.exists(p)]
+    if not url or missing:
+        what = "no collector URL (upload.url, or `sshtrail enroll`)" if not url else \
+            f"{ident} lacks {', '.join(missing)}"
+        return [Check("enrollment", False, f"not enrolled: {what}; events stay in the spool",
+                      "on the collector `sshtrail collector enroll-token`, then here "
+                      "`sshtrail enroll --collector URL --token TOKEN`")]
+    out = []
+    try:
+        cert = signing.load_cert_file(files[enroll.HOST_CERT])
+        ca = signing.load_cert_file(files[enroll.CA_CERT])
+        server_id = signing.cert_server_id(cert)
+    except signing.SigningError as e:
+        return [Check("enrollment", False, str(e), "enroll this host again (`sshtrail enroll`)")]
+    now = time.time()
+    not_before, not_after = signing.cert_not_before(cert), signing.cert_not_after(cert)
+    expiry = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(not_after))
+    renew = "enroll again with a new token (`sshtrail enroll`) to get a new certificate"
+    if not signing.cert_issued_by(cert, ca):
+        out.append(Check("certificate", False, f"{files[enroll.HOST_CERT]} was not issued by "
+                         f"the CA in {files[enroll.CA_CERT]}", renew))
+    elif now < not_before:
+        out.append(Check("certificate", False, "host certificate not valid before "
+                         + time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(not_before))
+                         + " (is this host's clock right?)", "fix the clock, or " + renew))
+    elif now >= not_after:
+        out.append(Check("certificate", False, f"host certificate expired {expiry}", renew))
+    elif not_after - now < CERT_RENEW_BEFORE:
+        out.append(Check("certificate", False, f"host certificate expires {expiry}, in "
+                         f"{(not_after - now) / 86400:.1f} days", renew))
+    else:
+        out.append(Check("certificate", True, f"host {server_id}, valid until {expiry} "
+                         f"({int((not_after - now) // 86400)} days)"))
+    out.append(_health(url, files))
+    oldest = _epoch(backlog["oldest"]) if backlog and backlog["events"] else None
+    if oldest is not None and now - oldest > BACKLOG_STALE:
+        out.append(Check("upload", False, f"{backlog['events']} event(s) wait, the oldest for "
+                         f"{(now - oldest) / 60:.0f} min: uploads are not getting through",
+                         "check the agent is running and the lines above; "
+                         "`sshtrail status` shows the uploader's last error"))
+    return out
+
+
+def _epoch(rfc3339: str | None) -> float | None:
+    from . import events
+    try:
+        return events.parse_time(rfc3339) if rfc3339 else None
+    except events.EventError:
+        return None
+
+
+def _health(url: str, files: dict) -> Check:
+    from . import enroll
+    import requests
+    try:
+        r = requests.get(url + "/healthz", timeout=HEALTH_TIMEOUT, verify=files[enroll.CA_CERT],
+                         cert=(files[enroll.HOST_CERT], files[enroll.HOST_KEY]))
+    except requests.exceptions.SSLError as e:
+        return Check("collector", False, f"{url}: TLS failed: {_short(e)}",
+                     "the collector's certificate must chain to the CA this host enrolled with, "
+                     "and accept this host's certificate: enroll again if the collector's CA changed")
+    except requests.RequestException as e:
+        return Check("collector", False, f"{url} not reachable: {_short(e)}",
+                     "check the collector runs (sshtrail-collector.service), the URL, and the "
+                     "network path to it")
+    if r.status_code != 200:
+        return Check("collector", False, f"{url}/healthz answered HTTP {r.status_code}",
+                     "see the collector's log")
+    return Check("collector", True, f"{url} reachable over mutual TLS with this host's certificate")
+
+
+def _short(e: Exception) -> str:
+    text = str(e)
+    # requests nests the reason deep in a repr; the last part says what happened.
+    for marker in ("Caused by ", "due to "):
+        if marker in text:
+            text = text.split(marker)[-1]
+    return text.strip("()'\" ")[:200]
