@@ -457,6 +457,10 @@ class SqliteStore(Store):
             c.execute("PRAGMA synchronous=FULL")
             c.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
             c.execute("PRAGMA cache_size=-32768")  # 32 MiB: the event indexes of a busy day
+            # Statement journals (one per row the search trigger touches) in memory, not in
+            # temp files: a write syscall storm otherwise (bench/collector: 37 -> 3 µs of
+            # system time per event).
+            c.execute("PRAGMA temp_store=MEMORY")
         except sqlite3.Error as e:
             c.close()
             raise StoreError(f"cannot open the SQLite store {self.path}: {e}; is it an "
