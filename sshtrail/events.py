@@ -66,6 +66,8 @@ TYPES: dict[str, EventType] = {
                                  "events the collector refused as malformed, set aside"),
 }
 FAILURE_CODES = {"user.login": "T1000W"}
+# Every field each type must have, merged once: the collector validates every event it takes.
+_REQUIRED = {kind: {**COMMON, **t.required} for kind, t in TYPES.items()}
 
 
 class EventError(SshtrailError, ValueError):
@@ -157,7 +159,7 @@ def validate(ev) -> dict:
     if kind not in TYPES:
         raise EventError(f"event: unknown type {kind!r}; known types: {', '.join(sorted(TYPES))}")
     spec = TYPES[kind]
-    for name, want in {**COMMON, **spec.required}.items():
+    for name, want in _REQUIRED[kind].items():
         if name not in ev:
             raise EventError(f"{name}: required field missing from {kind} event")
         _check_type(name, ev[name], want)
