@@ -117,12 +117,12 @@ class Spool:
     def _open(self, busy_timeout: float, synchronous: str) -> sqlite3.Connection:
         try:
             os.makedirs(os.path.dirname(self.path) or ".", mode=0o700, exist_ok=True)
-            old = os.umask(0o077)  # the file and its -wal/-shm are created root-only
-            try:
-                db = sqlite3.connect(self.path, timeout=busy_timeout, isolation_level=None)
-                db.execute("PRAGMA journal_mode=WAL")
-            finally:
-                os.umask(old)
+            # Created root-only before SQLite opens it: SQLite gives the -wal and -shm files
+            # the database file's mode. (Not through the umask: that is process-wide, and
+            # would make files other threads create meanwhile root-only too.)
+            os.close(os.open(self.path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600))
+            db = sqlite3.connect(self.path, timeout=busy_timeout, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
             db.execute(f"PRAGMA synchronous={'NORMAL' if synchronous == 'NORMAL' else 'FULL'}")
             if db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
                 _migrate(db)
