@@ -119,8 +119,15 @@ class Spool:
             os.makedirs(os.path.dirname(self.path) or ".", mode=0o700, exist_ok=True)
             # Created root-only before SQLite opens it: SQLite gives the -wal and -shm files
             # the database file's mode. (Not through the umask: that is process-wide, and
-            # would make files other threads create meanwhile root-only too.)
-            os.close(os.open(self.path, os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600))
+            # would make files other threads create meanwhile root-only too.) Only when it is
+            # new: closing any descriptor of an open database drops every POSIX lock this
+            # process holds on it, and another process could then checkpoint under our feet.
+            if not os.path.exists(self.path):
+                try:
+                    os.close(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY
+                                     | os.O_CLOEXEC, 0o600))
+                except FileExistsError:
+                    pass  # another writer made it first
             db = sqlite3.connect(self.path, timeout=busy_timeout, isolation_level=None)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(f"PRAGMA synchronous={'NORMAL' if synchronous == 'NORMAL' else 'FULL'}")

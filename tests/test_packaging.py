@@ -350,10 +350,15 @@ class Host:
         return r
 
     def log_tail(self) -> str:
-        try:
-            return (self.c.path / "var/log/sshd.log").read_text()[-3000:]
-        except OSError:
-            return ""
+        out = []
+        for name, path in (("sshd", self.c.path / "var/log/sshd.log"),
+                           ("agent", self.c.path.parent / "agent.log")):
+            try:
+                text = path.read_text()
+                out.append(f"-- {name} log --\n" + (text[:1500] + "\n...\n" if len(text) > 3000 else "") + text[-1500:])
+            except OSError:
+                pass
+        return "\n".join(out)
 
     def start_agent(self) -> None:
         log = open(self.c.path.parent / "agent.log", "ab")
@@ -390,6 +395,9 @@ class Host:
             if predicate(evs):
                 return evs
             if time.monotonic() > deadline:
+                import shutil as _sh
+                _sh.rmtree("/tmp/diag", ignore_errors=True)
+                _sh.copytree(self.c.path / "var/spool/sshtrail", "/tmp/diag")
                 raise AssertionError(f"timed out waiting for {what}; have {evs}\n{self.log_tail()}")
             time.sleep(0.3)
 
