@@ -209,7 +209,11 @@ class AgentClient:
         self.seal()
         deadline = time.monotonic() + timeout
         end = dict(end, dropped_bytes=self.dropped_bytes, bytes_out=end.get("bytes_out", self.out_bytes))
-        while time.monotonic() < deadline:
+        # Two tries at most: an agent that takes us in and then fails (its spool broken or
+        # full) must not be hammered in a loop, nor hold the session's exit until the deadline.
+        for _ in range(2):
+            if time.monotonic() >= deadline:
+                break
             if self.sock is None:
                 # One quick try: a session must not hang on its way out for an absent agent.
                 if not self.connect(timeout=0.5):
