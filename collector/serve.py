@@ -50,29 +50,93 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 
 def serve(cfg, *, listen: str | None = None) -> int:
+    """Serve until SIGTERM/SIGINT. collector.workers processes share one listening socket (the
+    kernel hands each connection to one of them): parsing and checking a batch is Python work
+    that one process does on one core, while the stores take writers from several processes."""
+    import socket
+
+    host, port = parse_listen(listen or cfg["collector.listen"])
+    CA(cfg["collector.dir"])  # no CA: say so now, before anything listens
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        raise ServeError(f"cannot listen on {host}:{port}: {e.strerror}; is another collector "
+                         "running there? (collector.listen, --listen)") from None
+    sock.listen(1024)
+    log.info("collector listening on https://%s:%d (store: %s, %d worker(s))", host, port,
+             "postgresql" if cfg["collector.database"] else "sqlite", cfg["collector.workers"])
+    workers = max(1, cfg["collector.workers"])
+    if workers == 1:
+        try:
+            return _worker(cfg, sock)
+        finally:
+            sock.close()
+            log.info("collector stopped")
+    return _supervise(cfg, sock, workers)
+
+
+def _supervise(cfg, sock, workers: int) -> int:
+    """Fork the workers, pass SIGTERM/SIGINT on to them, and wait for them all. One dying on
+    its own takes the others down, so that the service manager restarts the whole."""
+    import signal
+    children = set()
+    for _ in range(workers):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                code = _worker(cfg, sock)
+            finally:
+                os._exit(code)
+        children.add(pid)
+    sock.close()
+    stopping = False
+
+    def forward(signum, _frame):
+        nonlocal stopping
+        stopping = True
+        for pid in children:
+            try:
+                os.kill(pid, signum)
+            except ProcessLookupError:
+                pass
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    status = 0
+    while children:
+        pid, code = os.wait()
+        children.discard(pid)
+        if not stopping and children:
+            log.error("collector worker %d ended (wait status %d): stopping the others", pid, code)
+            status = 1
+            forward(signal.SIGTERM, None)
+    log.info("collector stopped")
+    return status
+
+
+def _worker(cfg, sock) -> int:
     import uvicorn
 
     from .app import build_app
     from .tls import ClientCertProtocol
 
-    host, port = parse_listen(listen or cfg["collector.listen"])
     ca = CA(cfg["collector.dir"])
     store = open_store(cfg)
     app = build_app(store, open_blobs(cfg), ca, max_batch_bytes=cfg["collector.max_batch_bytes"],
                     cert_days=cfg["collector.cert_days"])
     config = uvicorn.Config(
-        app, host=host, port=port, http=ClientCertProtocol, lifespan="off", access_log=False,
+        app, http=ClientCertProtocol, lifespan="off", access_log=False,
         ssl_certfile=ca.server_cert_path, ssl_keyfile=ca.server_key_path,
         ssl_ca_certs=ca.cert_path, ssl_cert_reqs=ssl.CERT_OPTIONAL, log_level="warning",
         timeout_keep_alive=30,
         # An idle keep-alive TLS connection (every uploader holds one) would otherwise hold
         # a SIGTERM for as long as the peer keeps it open.
         timeout_graceful_shutdown=3)
-    log.info("collector listening on https://%s:%d (store: %s)", host, port,
-             "postgresql" if cfg["collector.database"] else "sqlite")
     try:
-        uvicorn.Server(config).run()
+        uvicorn.Server(config).run(sockets=[sock])
     finally:
         store.close()
-        log.info("collector stopped")
     return 0

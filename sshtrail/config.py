@@ -116,6 +116,9 @@ DEFAULTS: tuple[Key, ...] = (
         "Host names and addresses the collector's server certificate is made for (init)."),
     Key("collector.cert_days", 365, "Lifetime of a host certificate issued at enrollment, in days."),
     Key("collector.token_ttl", 3600.0, "Seconds an enrollment token stays valid (single use)."),
+    Key("collector.workers", 2,
+        "Collector processes sharing the listening socket: checking uploads is Python work, "
+        "one core per process. About the number of cores of the collector's host."),
     Key("collector.max_batch_bytes", 8 << 20,
         "Largest upload the collector takes; bigger ones get 413 and nothing of them is stored."),
 )
