@@ -26,6 +26,8 @@ bench: setup
 	$(PY) bench/login
 	$(PY) bench/pty
 	$(PY) bench/ebpf
+	$(PY) bench/collector
+	$(PY) bench/replay
 
 setup: system venv
 
