@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 import threading
 from pathlib import Path
 
 import zstandard
+
+from sshtrail import files
 
 from sshtrail.errors import SshtrailError
 
@@ -79,22 +80,9 @@ class DirBlobStore(BlobStore):
         path = self._path(key)
         try:
             self._make_parents(path.parent)
-            fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=path.parent)
-            try:
-                with os.fdopen(fd, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    # Hosts delete their copy once the upload is acknowledged: the bytes must
-                    # be on disk before the rename makes them visible.
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-            except BaseException:
-                try:
-                    os.unlink(tmp)
-                except FileNotFoundError:
-                    pass
-                raise
-            _fsync_dir(path.parent)  # the rename itself must survive a power cut too
+            # Hosts delete their copy once the upload is acknowledged: the bytes are on disk,
+            # and the rename too, before this returns.
+            files.write_atomic(path, data, 0o600, tmp_prefix=_TMP_PREFIX)
         except OSError as e:
             raise BlobError(f"cannot write blob {key!r} under {self.root}: {e.strerror or e}; "
                             "check free space and permissions") from None
@@ -110,7 +98,7 @@ class DirBlobStore(BlobStore):
                 d.mkdir(mode=0o750)
             except FileExistsError:
                 pass  # another thread made it first; a file there fails mkstemp below
-            _fsync_dir(d.parent)
+            files.fsync_dir(d.parent)
 
     def get(self, key: str) -> bytes:
         path = self._path(key)
@@ -123,14 +111,6 @@ class DirBlobStore(BlobStore):
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # zstandard's (de)compressor objects must not be used by two threads at once.

@@ -25,7 +25,8 @@ from . import search
 from .store import (BatchProof, EventPage, EventQuery, Host, IngestResult, OutputIndexer,
                     SearchPage, SearchQuery, Store, StoreConflict, StoreError, StoredEvent)
 from .store_sqlite import (check_batch, conflict_message, event_filter, fold, like_pattern,
-                           make_page, make_search_page, meta_fields, search_filter, time_us)
+                           make_page, make_search_page, meta_fields, search_filter, sessions_sql,
+                           time_us)
 
 SCHEMA_VERSION = 2
 # Keys of pg_advisory_xact_lock(int, int): ("sshtrail" as an int, purpose).
@@ -472,22 +473,8 @@ class PostgresStore(Store):
     @_pg_errors
     def sessions(self, *, since: float | None = None, login: str | None = None,
                  server_id: str | None = None, limit: int = 100) -> list[dict]:
-        conds, params = [], []
-        if since is not None:
-            conds.append("r.updated >= %s")
-            params.append(since)
-        if login is not None:
-            conds.append("r.login = %s")
-            params.append(login)
-        if server_id is not None:
-            conds.append("(r.server_id = %s OR r.server_hostname = %s)")
-            params += [server_id, server_id]
-        where = "WHERE " + " AND ".join(conds) if conds else ""
-        rows = self._all(
-            "SELECT r.server_id, r.sid, r.meta, r.updated, (SELECT COALESCE(SUM(size), 0) "
-            "FROM chunks c WHERE c.server_id = r.server_id AND c.sid = r.sid) "
-            f"FROM recordings r {where} ORDER BY r.updated DESC, r.server_id, r.sid LIMIT %s",
-            _texts(params) + [limit])
+        sql, params = sessions_sql("%s", since, login, server_id, limit)
+        rows = self._all(sql, _texts(params[:-1]) + [limit])
         return [{"server_id": s, "sid": sid, "meta": json.loads(m), "updated": u, "bytes": int(b)}
                 for s, sid, m, u, b in rows]
 

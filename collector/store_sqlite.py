@@ -48,6 +48,25 @@ _CANONICAL = re.compile(r"([0-9]{4}-[0-9]{2}-[0-9]{2})T([0-9]{2}):([0-9]{2}):([0
 _day_us: dict[str, int] = {}
 
 
+def sessions_sql(ph: str, since, login, server_id, limit) -> tuple[str, list]:
+    """The sessions() query and its parameters, with `ph` the backend's placeholder."""
+    conds, params = [], []
+    if since is not None:
+        conds.append(f"r.updated >= {ph}")
+        params.append(since)
+    if login is not None:
+        conds.append(f"r.login = {ph}")
+        params.append(login)
+    if server_id is not None:
+        conds.append(f"(r.server_id = {ph} OR r.server_hostname = {ph})")
+        params += [server_id, server_id]
+    where = "WHERE " + " AND ".join(conds) if conds else ""
+    return ("SELECT r.server_id, r.sid, r.meta, r.updated, (SELECT COALESCE(SUM(size), 0) "
+            "FROM chunks c WHERE c.server_id = r.server_id AND c.sid = r.sid) "
+            f"FROM recordings r {where} ORDER BY r.updated DESC, r.server_id, r.sid LIMIT {ph}",
+            params + [limit])
+
+
 def time_us(text: str) -> int:
     m = _CANONICAL.match(text)
     if m:
@@ -679,22 +698,7 @@ class SqliteStore(Store):
     @_sqlite_errors
     def sessions(self, *, since: float | None = None, login: str | None = None,
                  server_id: str | None = None, limit: int = 100) -> list[dict]:
-        conds, params = [], []
-        if since is not None:
-            conds.append("r.updated >= ?")
-            params.append(since)
-        if login is not None:
-            conds.append("r.login = ?")
-            params.append(login)
-        if server_id is not None:
-            conds.append("(r.server_id = ? OR r.server_hostname = ?)")
-            params += [server_id, server_id]
-        where = "WHERE " + " AND ".join(conds) if conds else ""
-        rows = self._all(
-            "SELECT r.server_id, r.sid, r.meta, r.updated, (SELECT COALESCE(SUM(size), 0) "
-            "FROM chunks c WHERE c.server_id = r.server_id AND c.sid = r.sid) "
-            f"FROM recordings r {where} ORDER BY r.updated DESC, r.server_id, r.sid LIMIT ?",
-            params + [limit])
+        rows = self._all(*sessions_sql("?", since, login, server_id, limit))
         return [{"server_id": s, "sid": sid, "meta": json.loads(m), "updated": u, "bytes": b}
                 for s, sid, m, u, b in rows]
 

@@ -19,7 +19,6 @@ import binascii
 import datetime
 import os
 import re
-import tempfile
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -27,6 +26,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from . import files
 from .errors import SshtrailError
 
 # A server_id becomes a directory name on the collector and a label in every event: one
@@ -53,28 +53,8 @@ def generate_key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
 
-def write_atomic(path: str | os.PathLike, data: bytes, mode: int = 0o600) -> None:
-    """Write `data` to `path` as a whole new file with `mode`, or leave `path` as it was.
-
-    The temporary file is created with `mode` already (O_EXCL, fchmod to defeat the umask in
-    the other direction), so a secret is never readable by others, not even between create and
-    rename; rename makes the new content appear all at once."""
-    path = os.fspath(path)
-    directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)  # mkstemp: 0600, O_EXCL
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+# Kept under this name for its callers: keys and certificates are written with it.
+write_atomic = files.write_atomic
 
 
 def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
