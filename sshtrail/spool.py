@@ -173,22 +173,20 @@ class Spool:
 
     def _insert_chained(self, evs: list[dict]) -> None:
         seq, prev = self._chain_head()
-        seen = set()
-        rows = []
+        added = 0
         for ev in evs:
-            if ev["uid"] in seen or self._db.execute("SELECT 1 FROM events WHERE uid = ?",
-                                                     (ev["uid"],)).fetchone():
-                continue  # a retried write: the chain must not get a second link for it
-            seen.add(ev["uid"])
-            seq += 1
-            ev["seq"], ev["prev_hash"] = seq, prev
+            body_seq, body_prev = seq + 1, prev
+            ev["seq"], ev["prev_hash"] = body_seq, body_prev
             body = events.to_json(ev)
-            prev = link_hash(body)
-            rows.append((seq, ev["uid"], ev["time"], ev["event"], ev.get("login"), ev.get("sid"),
-                         body))
-        if rows:
-            self._db.executemany("INSERT INTO events (seq, uid, time, event, login, sid, body) "
-                                 "VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+            # A retried write (its uid is spooled already) gets no second link in the chain.
+            if self._db.execute(
+                    "INSERT INTO events (seq, uid, time, event, login, sid, body) VALUES "
+                    "(?, ?, ?, ?, ?, ?, ?) ON CONFLICT (uid) DO NOTHING",
+                    (body_seq, ev["uid"], ev["time"], ev["event"], ev.get("login"), ev.get("sid"),
+                     body)).rowcount:
+                seq, prev = body_seq, link_hash(body)
+                added += 1
+        if added:
             self._db.execute("INSERT OR REPLACE INTO state (key, value) VALUES ('chain', ?)",
                              (f"{seq}:{prev}",))
 
