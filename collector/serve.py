@@ -57,6 +57,9 @@ def serve(cfg, *, listen: str | None = None) -> int:
 
     host, port = parse_listen(listen or cfg["collector.listen"])
     CA(cfg["collector.dir"])  # no CA: say so now, before anything listens
+    # Opened once here, so the schema exists before the workers open it side by side (and a
+    # store that cannot be opened is said here, once).
+    open_store(cfg).close()
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -89,6 +92,8 @@ def _supervise(cfg, sock, workers: int) -> int:
             code = 1
             try:
                 code = _worker(cfg, sock)
+            except BaseException as e:  # noqa: BLE001 - said here: nobody else sees a child's
+                log.error("collector worker %d failed: %s: %s", os.getpid(), type(e).__name__, e)
             finally:
                 os._exit(code)
         children.add(pid)
