@@ -87,7 +87,12 @@ def test_parse_time_agrees_with_calendar_across_dates():
         assert events.parse_time(events.format_time(t)) == pytest.approx(round(t, 6), abs=1e-6)
     assert events.parse_time("2024-02-29T00:00:00Z") == calendar.timegm((2024, 2, 29, 0, 0, 0))
     for bad in ("2023-02-29T00:00:00Z", "2024-13-01T00:00:00Z", "2024-01-01T24:00:00Z",
-                "2024-01-01T00:00:00", "2024-01-01T00:00:00.abcZ", "2024-01-01 00:00:00Z"):
+                "2024-01-01T00:00:00", "2024-01-01T00:00:00.abcZ", "2024-01-01 00:00:00Z",
+                # Unicode digits int() would take; before and after the day is cached.
+                "２０２４-01-01T00:00:00.000000Z", "2024-01-01T0１:00:00.000000Z",
+                "2024-01-01T00:00:00.00000１Z", "2024-01-01T24:00:00.000000Z",
+                "2024-01-01T00:00:00.000000z"):
+        events.parse_time("2024-01-01T00:00:00.000000Z")  # the day in the fast path's cache
         with pytest.raises(events.EventError):
             events.parse_time(bad)
 
