@@ -68,7 +68,9 @@ class CollectorProc:
                 return self
             except requests.RequestException:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError("collector did not come up:\n" + self.log.read_text())
+                    log = self.log.read_text()
+                    self.close()  # nobody else will: the caller never got a running collector
+                    raise AssertionError("collector did not come up:\n" + log)
                 time.sleep(0.1)
 
     def stop(self, sig: int = signal.SIGTERM) -> None:

@@ -10,7 +10,6 @@ import random
 import re
 import signal
 import sys
-import tempfile
 import termios
 import time
 from pathlib import Path
@@ -22,8 +21,8 @@ from sshtrail import asciicast, player, screen
 from sshtrail.keyframes import apply
 
 ROOT = Path(__file__).resolve().parent.parent
-EMPTY_CONFIG = Path(tempfile.gettempdir()) / "sshtrail-test-player-empty.toml"
-EMPTY_CONFIG.write_text("")  # every key at its default: playing a file needs none
+# Every key at its default: playing a file needs none. /dev/null reads as an empty file.
+EMPTY_CONFIG = Path(os.devnull)
 W, H = 80, 24
 
 
