@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import functools
 import json
-import threading
-from contextlib import contextmanager
 
 import psycopg
 from psycopg import errors as pgerrors
@@ -24,9 +22,10 @@ from sshtrail.chain import GENESIS
 from . import search
 from .store import (BatchProof, EventPage, EventQuery, Host, IngestResult, OutputIndexer,
                     SearchPage, SearchQuery, Store, StoreConflict, StoreError, StoredEvent)
-from .store_sqlite import (check_batch, conflict_message, event_filter, fold, like_pattern,
-                           make_page, make_search_page, meta_fields, search_filter, sessions_sql,
-                           time_us)
+from .pool import ConnectionPool
+from .store_sqlite import (check_batch, conflict_message, event_filter, event_row, fold,
+                           like_pattern, make_page, make_search_page, meta_fields, search_filter,
+                           sessions_sql)
 
 SCHEMA_VERSION = 2
 # Keys of pg_advisory_xact_lock(int, int): ("sshtrail" as an int, purpose).
@@ -36,7 +35,6 @@ CONNECT_TIMEOUT_S = 10
 # A retry of a batch racing its original in another process can deadlock on the unique
 # indexes; PostgreSQL aborts one of them, which simply runs again.
 _INGEST_ATTEMPTS = 3
-MAX_IDLE = 8  # connections kept open between calls
 
 # uid and server_id sort bytewise ("C") whatever the database's locale, as in SQLite: paging
 # order and cursors are then the same on both backends.
@@ -206,12 +204,11 @@ class PostgresStore(Store):
         except psycopg.Error:
             raise StoreError(f"the PostgreSQL URL is not valid: write it as "
                              "postgresql://USER@HOST:PORT/DATABASE") from None
-        # Connections are lent to one thread at a time and come back after each call: the
-        # collector's worker threads come and go, and a connection per thread would outlive
-        # its thread and hold one of the server's connection slots.
-        self._idle: list[psycopg.Connection] = []
-        self._lock = threading.Lock()
-        self._closed = False
+        # A connection the server dropped, or left inside a transaction, is not lent again.
+        self._pool = ConnectionPool(
+            self._connect, lambda c: not c.broken and c.info.transaction_status
+            == TransactionStatus.IDLE, f"PostgreSQL store {self.shown}")
+        self._use = self._pool.use
         self._create_schema()
 
     def _scrub(self, e: Exception) -> str:
@@ -219,26 +216,6 @@ class PostgresStore(Store):
         return msg.replace(self._password, "***") if self._password else msg
 
     # -- connections --------------------------------------------------------------------------
-    @contextmanager
-    def _use(self):
-        with self._lock:
-            if self._closed:
-                raise StoreError(f"PostgreSQL store {self.shown} is closed")
-            c = self._idle.pop() if self._idle else None
-        if c is None:
-            c = self._connect()
-        try:
-            yield c
-        finally:
-            # A connection the server dropped, or left inside a transaction, is not lent again.
-            with self._lock:
-                keep = (not self._closed and not c.broken and len(self._idle) < MAX_IDLE
-                        and c.info.transaction_status == TransactionStatus.IDLE)
-                if keep:
-                    self._idle.append(c)
-            if not keep:
-                c.close()
-
     def _all(self, sql: str, params=()) -> list:
         with self._use() as c:
             return c.execute(sql, params).fetchall()
@@ -291,12 +268,7 @@ class PostgresStore(Store):
             raise
 
     def close(self) -> None:
-        """Close the idle connections now, those in use as their calls end."""
-        with self._lock:
-            self._closed = True
-            idle, self._idle = self._idle, []
-        for c in idle:
-            c.close()
+        self._pool.close()
 
     # -- events -------------------------------------------------------------------------------
     @_pg_errors
@@ -304,9 +276,7 @@ class PostgresStore(Store):
         if not events:
             return IngestResult(stored=0, duplicates=0)
         check_batch(events, proof)
-        rows = [_texts((e.server_id, e.uid, e.seq, e.prev_hash, e.hash, e.time,
-                        time_us(e.time), e.event, e.login, e.sid, e.server_hostname, e.text,
-                        fold(e.text), e.raw)) for e in events]
+        rows = [_texts(event_row(e)) for e in events]
         top = max(rows, key=lambda r: r[2])
         for attempt in range(1, _INGEST_ATTEMPTS + 1):
             try:

@@ -18,13 +18,13 @@ import functools
 import json
 import re
 import sqlite3
-import threading
 from contextlib import contextmanager
 
 from sshtrail.chain import GENESIS
 from sshtrail.events import EventError, parse_time
 
 from . import search
+from .pool import ConnectionPool
 from .store import (BadQuery, BatchProof, EventPage, EventQuery, Hit, Host, IngestResult,
                     Line, OutputIndexer, SearchPage, SearchQuery, Store, StoreConflict,
                     StoreError, StoredEvent)
@@ -32,7 +32,6 @@ from .store import (BadQuery, BatchProof, EventPage, EventQuery, Hit, Host, Inge
 SCHEMA_VERSION = 2
 BUSY_TIMEOUT_S = 30.0
 PAGE_SIZE = 16384
-MAX_IDLE = 8  # connections kept open between calls
 
 # -- shared with store_postgres ---------------------------------------------------------------
 # Events are ordered and paged by (ts, uid, server_id). `ts` is the event's time as integer
@@ -46,6 +45,12 @@ MAX_IDLE = 8  # connections kept open between calls
 _CANONICAL = re.compile(r"([0-9]{4}-[0-9]{2}-[0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})"
                         r"\.([0-9]{6})Z\Z")
 _day_us: dict[str, int] = {}
+
+
+def event_row(e: StoredEvent) -> tuple:
+    """An event's values in _EVENT_COLS order."""
+    return (e.server_id, e.uid, e.seq, e.prev_hash, e.hash, e.time, time_us(e.time), e.event,
+            e.login, e.sid, e.server_hostname, e.text, fold(e.text), e.raw)
 
 
 def sessions_sql(ph: str, since, login, server_id, limit) -> tuple[str, list]:
@@ -412,32 +417,12 @@ def _sqlite_errors(method):
 class SqliteStore(Store):
     def __init__(self, path):
         self.path = str(path)
-        # Connections are lent to one thread at a time and come back after each call: the
-        # collector's worker threads come and go, and a connection per thread would outlive
-        # its thread.
-        self._idle: list[sqlite3.Connection] = []
-        self._lock = threading.Lock()
-        self._closed = False
+        self._pool = ConnectionPool(self._connect, lambda c: not c.in_transaction,
+                                    f"SQLite store {self.path}")
+        self._use = self._pool.use
         self._open_schema()
 
     # -- connections and transactions ---------------------------------------------------------
-    @contextmanager
-    def _use(self):
-        with self._lock:
-            if self._closed:
-                raise StoreError(f"SQLite store {self.path} is closed")
-            c = self._idle.pop() if self._idle else None
-        if c is None:
-            c = self._connect()
-        try:
-            yield c
-        finally:
-            with self._lock:
-                keep = not self._closed and not c.in_transaction and len(self._idle) < MAX_IDLE
-                if keep:
-                    self._idle.append(c)
-            if not keep:
-                c.close()
 
     def _all(self, sql: str, params=()) -> list:
         with self._use() as c:
@@ -532,12 +517,7 @@ class SqliteStore(Store):
                     c.execute("COMMIT")
 
     def close(self) -> None:
-        """Close the idle connections now, those in use as their calls end."""
-        with self._lock:
-            self._closed = True
-            idle, self._idle = self._idle, []
-        for c in idle:
-            c.close()
+        self._pool.close()
 
     # -- events -------------------------------------------------------------------------------
     @_sqlite_errors
@@ -545,9 +525,7 @@ class SqliteStore(Store):
         if not events:
             return IngestResult(stored=0, duplicates=0)
         check_batch(events, proof)
-        rows = [(e.server_id, e.uid, e.seq, e.prev_hash, e.hash, e.time, time_us(e.time),
-                 e.event, e.login, e.sid, e.server_hostname, e.text, fold(e.text), e.raw)
-                for e in events]
+        rows = [event_row(e) for e in events]
         top = max(events, key=lambda e: e.seq)
         with self._tx() as c:
             # DO NOTHING on either unique key; whatever was skipped is checked below to be

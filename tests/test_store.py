@@ -881,7 +881,7 @@ def test_server_filter_follows_each_event_hostname(store):
 
 def test_postgres_connections_do_not_outlive_threads(postgres_db):
     # The collector's worker threads come and go; the server's connection slots must not fill.
-    from collector.store_postgres import MAX_IDLE
+    from collector.pool import MAX_IDLE
     s = PostgresStore(postgres_db)
     for _ in range(5):
         threads = [threading.Thread(target=s.hosts) for _ in range(20)]
