@@ -10,8 +10,9 @@ Must never: mark anything delivered without the collector's 200; let one bad bat
 events after it (a 400/409 sets it aside in the spool, and says so with an upload.rejected
 event); dead-letter anything because the collector refused *us* (401/403: that is the
 identity's fault, not the batch's); log key material or event bodies. It may be SIGKILLed at
-any moment: what was delivered is only what the spool says (claim/ack), what is in flight is
-re-sent after the claim's lease, and the collector removes duplicates by uid. Nothing this
+any moment: what was delivered is only what the spool says (claim/ack), what was in flight is
+sent again by the next uploader (it releases every claim it finds at start: one uploader per
+spool), and the collector removes duplicates by uid. Nothing this
 object holds in memory is needed for correctness.
 """
 from __future__ import annotations
@@ -73,8 +74,7 @@ class Uploader:
         self.cfg = cfg
         self.url = enroll.collector_url(cfg)
         self.timeout = cfg["upload.timeout"]
-        # Longer than one upload may take, so a live uploader's claim never lapses under it;
-        # it is also how long a restarted agent waits for the batch a killed one had in flight.
+        # Longer than one upload may take, so a live uploader's claim never lapses under it.
         self.lease = lease if lease is not None else 2 * self.timeout + 10
         self.max_events = max(1, min(cfg["upload.batch_events"], upload_format.MAX_EVENTS))
         self.max_bytes = max(1, min(cfg["upload.batch_bytes"], upload_format.MAX_BYTES))
@@ -94,7 +94,6 @@ class Uploader:
         # dead-letter state for them, so this run skips them (logged); the next run tries again.
         self._stuck_recordings: set[tuple[str, int]] = set()
         self._stuck_chunks: set[tuple[str, int]] = set()
-        self._waiting_logged = False
 
     # -- the loop ---------------------------------------------------------------------------
 
@@ -160,8 +159,6 @@ class Uploader:
     # -- events ----------------------------------------------------------------------------
 
     def _ship_events(self, spool: Spool) -> int:
-        if self._held_elsewhere(spool):
-            return 0
         b = spool.claim(self.limit, self.lease, self.max_bytes)
         if b is None:
             return 0
@@ -200,22 +197,6 @@ class Uploader:
                 "event reports it")
         log.error("%s", text)
         self._set_status(last_error=text, last_error_time=time.time())
-
-    def _held_elsewhere(self, spool: Spool) -> bool:
-        """True while the oldest waiting event is claimed by another uploader whose lease is
-        still running -- in practice one that was killed mid-upload. Claiming past it would
-        send later events first; its batch is taken again, in order, once the lease lapses.
-        (Our own claims never outlive a pass, so any claim seen here is someone else's.)"""
-        # TODO(spool): belongs in Spool (claim could stop at a live claim); read-only here.
-        row = spool.db.execute("SELECT seq, claim, claimed_at FROM events WHERE sent = 0 "
-                               "ORDER BY seq LIMIT 1").fetchone()
-        held = bool(row and row[1] is not None and row[2] >= time.time() - self.lease)
-        if held and not self._waiting_logged:
-            log.warning("events from seq %d are claimed by another uploader (one killed "
-                        "mid-upload?); sending them once its lease of %.0f s lapses",
-                        row[0], self.lease)
-        self._waiting_logged = held
-        return held
 
     # -- recordings ------------------------------------------------------------------------
 
