@@ -5,7 +5,9 @@ An acknowledged ingest is what lets a host delete its copy, so every write trans
 durable before it returns: WAL with synchronous=FULL. A call borrows a connection of its own
 from a small pool, so threads never share one at a time; writers take the write lock up front
 (BEGIN IMMEDIATE), so a batch never half-commits and two writers, of this process or another,
-wait for each other (busy timeout) instead of failing.
+wait for each other instead of failing. They queue on a lock file first: a blocking flock wakes
+the next writer the moment the lock is free, where SQLite's busy timeout polls with sleeps of up
+to 100 ms, and the collector's workers spent the write lock's idle time asleep in it.
 
 Also here, because both backends must agree on them: the event ordering key, the paging
 cursor, and the search filters (store_postgres imports them).
@@ -14,10 +16,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import fcntl
 import functools
 import json
+import os
 import re
 import sqlite3
+import threading
 from contextlib import contextmanager
 
 from sshtrail.chain import GENESIS
@@ -420,6 +425,16 @@ class SqliteStore(Store):
         self._pool = ConnectionPool(self._connect, lambda c: not c.in_transaction,
                                     f"SQLite store {self.path}")
         self._use = self._pool.use
+        # One per process: flock excludes open file descriptions, so a store object must not
+        # cross a fork (nor may its SQLite connections).
+        self._writers = threading.Lock()
+        try:
+            self._lock_fd = os.open(self.path + "-writer", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                                    0o600)
+        except OSError as e:
+            raise StoreError(f"cannot open the SQLite store's lock file {self.path}-writer: "
+                             f"{e.strerror}; check that its directory is writable by the "
+                             "collector's user") from None
         self._open_schema()
 
     # -- connections and transactions ---------------------------------------------------------
@@ -495,15 +510,19 @@ class SqliteStore(Store):
     def _tx(self):
         """A write transaction: the write lock is taken at BEGIN, so nothing in it can fail
         half-way for lack of the lock."""
-        with self._use() as c:
-            c.execute("BEGIN IMMEDIATE")
+        with self._use() as c, self._writers:
+            fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
             try:
-                yield c
-                c.execute("COMMIT")
-            except BaseException:
-                if c.in_transaction:  # SQLite has already rolled back after some errors
-                    c.execute("ROLLBACK")
-                raise
+                c.execute("BEGIN IMMEDIATE")
+                try:
+                    yield c
+                    c.execute("COMMIT")
+                except BaseException:
+                    if c.in_transaction:  # SQLite has already rolled back after some errors
+                        c.execute("ROLLBACK")
+                    raise
+            finally:
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
 
     @contextmanager
     def _snapshot(self):
@@ -518,6 +537,9 @@ class SqliteStore(Store):
 
     def close(self) -> None:
         self._pool.close()
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
+            self._lock_fd = -1
 
     # -- events -------------------------------------------------------------------------------
     @_sqlite_errors

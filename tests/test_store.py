@@ -4,6 +4,7 @@ PostgreSQL promises (several collector processes on one database), and the blob 
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import sqlite3
@@ -685,6 +686,26 @@ def test_two_sqlite_stores_on_one_file_ingest_at_once(tmp_path):
         assert stores[0].chain(h) == batches[h]
     for s in stores:
         s.close()
+
+
+def test_sqlite_writers_queue_on_the_lock_file(tmp_path):
+    # Every writer, of any process, takes <file>-writer first: one holding it holds the others
+    # up (readers go on), and they go on once it lets go.
+    path = tmp_path / "store.db"
+    s = SqliteStore(path)
+    evs = make_events("h1", [1, 2])
+    done = threading.Event()
+    with open(f"{path}-writer", "rb+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        t = threading.Thread(target=lambda: (ingest(s, evs), done.set()))
+        t.start()
+        assert not done.wait(0.5)
+        assert s.chain("h1") == []
+        fcntl.flock(held, fcntl.LOCK_UN)
+        t.join(30)
+    assert done.is_set()
+    assert s.chain("h1") == evs
+    s.close()
 
 
 def test_sqlite_store_of_version_1_gets_its_commands_indexed(tmp_path):
