@@ -51,23 +51,45 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[n:]
 
 
-def _drain(fd: int, room: int) -> tuple[bytes, bool]:
-    """What the pty has now (up to `room`), and whether its other side is gone."""
-    parts, size = [], 0
-    while size < room:
-        try:
-            data = os.read(fd, CHUNK)
-        except BlockingIOError:
-            break
-        except OSError as e:
-            if e.errno != errno.EIO:  # EIO: every holder of the pty's other side is gone
-                raise
-            return b"".join(parts), True
-        if not data:
-            return b"".join(parts), True
-        parts.append(data)
-        size += len(data)
-    return b"".join(parts), False
+def _read(fd: int, room: int) -> tuple[bytes, bool]:
+    """One read of what the pty has now (a pty hands out at most 4 KiB a read), and whether its
+    other side is gone. One read per wakeup: a second one mostly finds nothing, and a read that
+    fails with EAGAIN costs as much as one that works."""
+    try:
+        data = os.read(fd, min(room, CHUNK))
+    except BlockingIOError:
+        return b"", False
+    except OSError as e:
+        if e.errno != errno.EIO:  # EIO: every holder of the pty's other side is gone
+            raise
+        return b"", True
+    return data, not data
+
+
+class _Poll:
+    """select.poll with each fd's events set only when they change: the loop asks for the same
+    set nearly every pass, and a syscall per pass is what the relay costs."""
+
+    def __init__(self):
+        self._poll = select.poll()
+        self._events: dict[int, int] = {}
+
+    def want(self, fd: int, events: int) -> None:
+        if self._events.get(fd, 0) != events:
+            if events:
+                self._poll.register(fd, events)
+                self._events[fd] = events
+            else:
+                self._poll.unregister(fd)
+                del self._events[fd]
+
+    def forget(self, fd: int) -> None:
+        if fd in self._events:
+            self._poll.unregister(fd)
+            del self._events[fd]
+
+    def poll(self, timeout: float | None) -> dict[int, int]:
+        return dict(self._poll.poll(None if timeout is None else timeout * 1000))
 
 
 def relay(path: str, argv: list[str], env: dict, client, *, record_input: bool,
@@ -101,24 +123,30 @@ def relay(path: str, argv: list[str], env: dict, client, *, record_input: bool,
     master_open = True
     hung_up = False
     out = bytearray()
-    os.set_blocking(1, False)  # fd 0 shares it (sshd's pty): select says when each may go
+    os.set_blocking(1, False)  # fd 0 shares it (sshd's pty): poll says when each may go
+    IN, OUT = select.POLLIN, select.POLLOUT
+    poller = _Poll()
+    poller.want(sig_r, IN)
+    agent_fd = -1
     try:
         while True:
             reading_master = master_open and len(out) < OUT_CAP
-            rlist = [sig_r] + ([master] if reading_master else []) + ([0] if stdin_open else [])
-            wlist = [1] if out else []
-            if client.sock is not None:
-                rlist.append(client.fileno())
-                if client.wants_write():
-                    wlist.append(client.fileno())
+            poller.want(master, IN if reading_master else 0)
+            poller.want(0, IN if stdin_open else 0)
+            poller.want(1, OUT if out else 0)
+            if client.fileno() != agent_fd:  # connected, lost or reconnected
+                poller.forget(agent_fd)
+                agent_fd = client.fileno()
+            if agent_fd >= 0:
+                poller.want(agent_fd, IN | OUT if client.wants_write() else IN)
             timeout = client.timeout()
             if status is not None:  # only drain what the program left: do not wait for more
                 timeout = 0.05 if timeout is None else min(timeout, 0.05)
             try:
-                r, w, _ = select.select(rlist, wlist, [], timeout)
+                ready = poller.poll(timeout)
             except InterruptedError:
                 continue
-            if sig_r in r:
+            if sig_r in ready:
                 sigs = os.read(sig_r, 512)
                 if bytes([signal.SIGWINCH]) in sigs:
                     cols, rows = get_winsize(0)
@@ -128,23 +156,33 @@ def relay(path: str, argv: list[str], env: dict, client, *, record_input: bool,
                     done, st = os.waitpid(pid, os.WNOHANG)
                     if done:
                         status = st
-            if master in r:
-                data, closed = _drain(master, OUT_CAP - len(out))
+            if master in ready:
+                data, closed = _read(master, OUT_CAP - len(out))
                 if data:
                     client.add(b"o", data)
-                    out += data
+                    if not out:
+                        # Straight on to the terminal: waiting for poll to say fd 1 has room
+                        # would cost a pass of the loop per read.
+                        try:
+                            n = os.write(1, data)
+                        except BlockingIOError:
+                            n = 0
+                        if n < len(data):
+                            out += data[n:] if n else data
+                    else:
+                        out += data
                 if closed:
                     master_open = False
             elif status is not None and reading_master:
                 master_open = False  # the program is gone and nothing more waits on its pty
-            if 1 in w:
+            if out and 1 in ready:
                 try:
                     del out[:os.write(1, out)]
                 except BlockingIOError:
                     pass
             if not master_open and not out:
                 break
-            if 0 in r:
+            if 0 in ready:
                 try:
                     data = os.read(0, CHUNK)
                 except BlockingIOError:
@@ -155,10 +193,10 @@ def relay(path: str, argv: list[str], env: dict, client, *, record_input: bool,
                     if record_input:
                         client.add(b"i", data)
                     _write_all(master, data)  # non-blocking pty: waits for room, loses nothing
-            if client.sock is not None:
-                if client.fileno() in w:
+            if agent_fd >= 0 and agent_fd in ready:
+                if ready[agent_fd] & OUT:
                     client.pump_write()
-                if client.sock is not None and client.fileno() in r:
+                if client.sock is not None and ready[agent_fd] & ~OUT:
                     client.pump_read()
             client.tick()
             if strict and client.lost_agent and client.sock is None and not hung_up:
