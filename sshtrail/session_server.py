@@ -116,7 +116,7 @@ class SessionServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         # sqlite connections belong to one thread each.
         if not hasattr(self._local, "spool"):
             # NORMAL: a batch survives the agent being killed (what the wrapper's re-send
-            # covers) without an fsync per 64 KiB of someone's terminal output.
+            # covers) without an fsync per 256 KiB of someone's terminal output.
             self._local.spool = Spool.from_config(self.cfg, synchronous="NORMAL")
         return self._local.spool
 
