@@ -383,3 +383,19 @@ def test_every_route_is_documented(collector):
     assert routes == documented
     r = requests.get(collector.url + "/v1/openapi.json", verify=str(collector.ca_file), timeout=10)
     assert r.json()["paths"].keys() == openapi.DOCUMENT["paths"].keys()
+
+
+def test_collector_connections_have_nagle_off():
+    # With Nagle on, a response's body waited for the client's delayed ACK of its headers:
+    # ~40 ms on every query and upload.
+    import socket
+
+    from collector.serve import ServeError, listen_socket
+    lsock = listen_socket("127.0.0.1", 0)
+    with lsock, socket.create_connection(lsock.getsockname()):
+        conn, _ = lsock.accept()
+        with conn:
+            assert lsock.proto == socket.IPPROTO_TCP  # asyncio turns Nagle off only then
+            assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+        with pytest.raises(ServeError, match="cannot listen on 127.0.0.1"):
+            listen_socket("127.0.0.1", lsock.getsockname()[1])
