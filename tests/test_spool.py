@@ -161,6 +161,42 @@ def test_claim_ack_and_lease(tmp_path):
     assert s.count(sent=False) == 0 and s.count(sent=True) == 10
 
 
+def test_claim_skips_what_another_live_claim_holds(tmp_path):
+    s = spool(tmp_path)
+    for i in range(10):
+        s.append(login(f"u{i}"))
+    c1, c2 = s.claim(4), s.claim(2)
+    s.release(c1.id)
+    c3 = s.claim(100)  # around c2's events, not over them
+    assert [ev["login"] for ev in c3.events] == [f"u{i}" for i in (0, 1, 2, 3, 6, 7, 8, 9)]
+    assert s.ack(c3.id) == 8 and s.ack(c2.id) == 2
+    assert s.claim(100) is None and s.count(sent=True) == 10
+
+
+def test_spool_of_version_6_keeps_its_events_and_drops_its_claims(tmp_path):
+    # Version 6 kept claims in the events' own rows; 7 in a table of their own. A claim in
+    # flight across the upgrade is dropped: its events go again (the collector keeps one).
+    s = spool(tmp_path)
+    for i in range(5):
+        s.append(login(f"u{i}"))
+    s.ack(s.claim(2).id)
+    path = s.path
+    s.close()
+    db = sqlite3.connect(path)
+    db.executescript("DROP TABLE claims; CREATE INDEX events_claim ON events (claim) "
+                     "WHERE claim IS NOT NULL; UPDATE events SET claim = 'old', claimed_at = "
+                     f"{time.time()} WHERE seq = 3; PRAGMA user_version = 6;")
+    db.close()
+    s = spool(tmp_path)
+    assert s.db.execute("PRAGMA user_version").fetchone()[0] == 7
+    assert s.db.execute("SELECT count(*) FROM sqlite_master WHERE name = 'events_claim'"
+                        ).fetchone()[0] == 0
+    b = s.claim(100)
+    assert [ev["login"] for ev in b.events] == ["u2", "u3", "u4"]
+    assert s.ack(b.id) == 3 and s.count(sent=False) == 0
+    s.close()
+
+
 def test_query_filters(tmp_path):
     s = spool(tmp_path)
     old = events.new("user.login", at=time.time() - 3600, login="alice", success=True, method="password")

@@ -296,7 +296,7 @@ def test_failures_are_retried_with_growing_capped_jittered_backoff_and_nothing_a
         waits.append(u.wait)
         ceilings.append(u.backoff_ceiling)
         assert set(sent_states(spool).values()) == {0}  # nothing acked, nothing set aside
-        assert spool.db.execute("SELECT count(*) FROM events WHERE claim IS NOT NULL"
+        assert spool.db.execute("SELECT count(*) FROM claims"
                                 ).fetchone()[0] == 0  # released for the retry
     # The ceiling doubles from a quarter second and stops at upload.backoff_max (2 s here);
     # each wait is drawn below it (full jitter).
@@ -530,7 +530,7 @@ def test_batch_in_flight_when_the_uploader_is_killed_is_sent_again_by_the_next_o
         proc.wait()
     append_logins(spool, 2)  # written after the crash
     # The claim survived the process: the batch is the spool's, not anybody's memory.
-    claimed = spool.db.execute("SELECT count(*) FROM events WHERE claim IS NOT NULL").fetchone()
+    claimed = spool.db.execute("SELECT count(*) FROM claims").fetchone()
     assert claimed[0] == 5
 
     # The next uploader (a restarted agent: one per spool) takes the dead one's claim at once.
