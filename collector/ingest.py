@@ -41,7 +41,10 @@ def search_text(ev: dict) -> str:
     """What a text search looks in: the command line a session ran, the file it opened."""
     kind = ev["event"]
     if kind == "session.command":
-        return " ".join(a for a in ev["argv"] if isinstance(a, str))
+        try:
+            return " ".join(ev["argv"])
+        except TypeError:  # validate checks argv is a list, not what it holds
+            return " ".join(a for a in ev["argv"] if isinstance(a, str))
     if kind == "exec":
         return ev["command"]
     if kind == "session.disk":

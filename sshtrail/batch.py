@@ -15,6 +15,7 @@ This module is pure: no I/O, no network. It must never import a component.
 from __future__ import annotations
 
 import json
+import re
 
 from . import events
 from .chain import GENESIS, link_hash  # noqa: F401  (part of this module's face)
@@ -25,7 +26,10 @@ SIGNATURE_HEADER = "X-Sshtrail-Signature"
 MAX_EVENTS = 5000
 MAX_BYTES = 8 << 20
 MAX_CHUNK_BYTES = 4 << 20
-_HEX = frozenset("0123456789abcdef")
+_HEX64 = re.compile("[0-9a-f]{64}").fullmatch
+# json.loads is this plus a whitespace check and a wrapper; a line it does not take whole
+# (whitespace around it, or anything wrong) goes through json.loads for its answer.
+_raw_decode = json.JSONDecoder().raw_decode
 
 
 class BatchError(ValueError):
@@ -62,7 +66,12 @@ def parse(data: bytes, *, max_events: int = MAX_EVENTS) -> list[Line]:
     lines, last_seq = [], 0
     for n, raw in enumerate(raws, 1):
         try:
-            ev = json.loads(raw)
+            try:
+                ev, end = _raw_decode(raw)
+            except ValueError:
+                end = -1
+            if end != len(raw):
+                ev = json.loads(raw)
         except json.JSONDecodeError as e:
             raise BatchError(f"line {n}: not valid JSON ({e.msg} at column {e.colno})") from None
         try:
@@ -72,7 +81,7 @@ def parse(data: bytes, *, max_events: int = MAX_EVENTS) -> list[Line]:
         seq, prev = ev.get("seq"), ev.get("prev_hash")
         if type(seq) is not int or seq < 1:
             raise BatchError(f"line {n}: seq: expected a positive integer, got {seq!r}")
-        if not (isinstance(prev, str) and len(prev) == 64 and set(prev) <= _HEX):
+        if not (type(prev) is str and _HEX64(prev)):
             raise BatchError(f"line {n}: prev_hash: expected 64 lowercase hex digits, got {prev!r}")
         if seq <= last_seq:
             raise BatchError(f"line {n}: seq {seq} does not follow {last_seq}: a batch is in "
