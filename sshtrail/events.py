@@ -204,10 +204,13 @@ def validate(ev) -> dict:
     return ev
 
 
-def to_json(ev: dict) -> str:
+def to_json(ev: dict, *, sort_keys: bool = True) -> str:
     """Compact JSON with sorted keys, byte for byte what json.dumps(ev, separators=(",", ":"),
-    ensure_ascii=False, sort_keys=True) writes (tests/test_events.py checks it)."""
-    return _encode(ev)
+    ensure_ascii=False, sort_keys=True) writes (tests/test_events.py checks it). sort_keys=False:
+    the outer object's keys in their own order (the wire protocol's headers)."""
+    if sort_keys or not isinstance(ev, dict):
+        return _encode(ev)
+    return "{" + ",".join(_quote(str(k)) + ":" + _encode(v) for k, v in ev.items()) + "}"
 
 
 def _encode(v) -> str:

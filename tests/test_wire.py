@@ -1,4 +1,9 @@
 """Test vectors for the wrapper-agent protocol and the frame encoding."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from sshtrail import wire
@@ -27,6 +32,41 @@ def test_reader_reassembles_split_messages():
 def test_reader_rejects_garbage(data, message):
     with pytest.raises(wire.ProtocolError, match=message):
         wire.Reader().feed(data)
+
+
+def message(head: bytes) -> bytes:
+    return len(head + b"\n").to_bytes(4, "big") + head + b"\n"
+
+
+@pytest.mark.parametrize("head", [
+    b'{"type":"x","v":NaN}', b'{"type":"x","v":Infinity}', b'{"type":"x"} {}',
+    b'{"type":"x",}', b'{"type":"x"', b"\xff{}", b"[" * 100_000 + b"]" * 100_000,
+])
+def test_reader_rejects_headers_json_would_not_take_or_we_do_not(head):
+    with pytest.raises(wire.ProtocolError, match="not a JSON object with a type"):
+        wire.Reader().feed(message(head))
+
+
+def test_headers_read_as_json_reads_them():
+    for head in (b' {"type": "hello", "n": -1.5e3, "ok": true, "no": null, "l": [1, "\\u00e9"]}\t',
+                 '{"type":"ré","big":123456789012345678901234567890}'.encode()):
+        [(header, payload)] = wire.Reader().feed(message(head))
+        assert header == json.loads(head) and payload == b""
+    # and what pack writes, json reads back as it was
+    hello = {"type": "hello", "command": "vim é\n", "cols": 80, "late": None}
+    [(header, _)] = wire.Reader().feed(wire.pack(hello))
+    assert header == hello == json.loads(wire.pack(hello)[4:-1])
+
+
+def test_the_wrapper_starts_without_the_json_package():
+    # Every session pays for what the wrapper imports; json (with re) was 9 ms of it.
+    root = Path(__file__).resolve().parent.parent
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import session_wrapper.shell, "
+            "session_wrapper.agent_client, session_wrapper.pty_relay, session_wrapper.passthrough, "
+            "sshtrail.config; print(sorted(m for m in ('json', 're') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-I", "-S", "-c", code, str(root)], capture_output=True,
+                         text=True, check=True).stdout
+    assert out.strip() == "[]"
 
 
 def test_frames_vector_and_round_trip():
