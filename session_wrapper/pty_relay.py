@@ -15,10 +15,13 @@ import errno
 import fcntl
 import os
 import select
-import signal
 import struct
 import termios
 import tty
+
+# The C module, not signal.py: its enum wrappers (enum itself) cost ~5 ms of every session's
+# start, and the relay needs only numbers and handlers.
+import _signal as signal
 
 CHUNK = 65536
 # One pass takes what the pty has (a pty hands out ~4 KiB per read) into one frame: a frame per
