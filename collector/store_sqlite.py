@@ -435,7 +435,11 @@ class SqliteStore(Store):
             raise StoreError(f"cannot open the SQLite store's lock file {self.path}-writer: "
                              f"{e.strerror}; check that its directory is writable by the "
                              "collector's user") from None
-        self._open_schema()
+        try:
+            self._open_schema()
+        except BaseException:
+            self.close()
+            raise
 
     # -- connections and transactions ---------------------------------------------------------
 

@@ -27,8 +27,6 @@ MAX_EVENTS = 5000
 MAX_BYTES = 8 << 20
 MAX_CHUNK_BYTES = 4 << 20
 _HEX64 = re.compile("[0-9a-f]{64}").fullmatch
-# json.loads is this plus a whitespace check and a wrapper; a line it does not take whole
-# (whitespace around it, or anything wrong) goes through json.loads for its answer.
 _raw_decode = json.JSONDecoder().raw_decode
 
 
@@ -50,6 +48,19 @@ class Line:
         self.hash = link_hash(raw)
 
 
+def _json_line(raw: str):
+    """json.loads(raw). That is raw_decode plus a whitespace check and a wrapper: a line that
+    raw_decode does not take whole (whitespace around it, or anything wrong) goes through
+    json.loads for its answer or its error."""
+    try:
+        value, end = _raw_decode(raw)
+        if end == len(raw):
+            return value
+    except ValueError:
+        pass
+    return json.loads(raw)
+
+
 def parse(data: bytes, *, max_events: int = MAX_EVENTS) -> list[Line]:
     """Parse and validate a whole batch, or raise BatchError naming the first bad line."""
     try:
@@ -66,12 +77,7 @@ def parse(data: bytes, *, max_events: int = MAX_EVENTS) -> list[Line]:
     lines, last_seq = [], 0
     for n, raw in enumerate(raws, 1):
         try:
-            try:
-                ev, end = _raw_decode(raw)
-            except ValueError:
-                end = -1
-            if end != len(raw):
-                ev = json.loads(raw)
+            ev = _json_line(raw)
         except json.JSONDecodeError as e:
             raise BatchError(f"line {n}: not valid JSON ({e.msg} at column {e.colno})") from None
         try:

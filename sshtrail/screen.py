@@ -129,19 +129,19 @@ class Screen(pyte.Screen):
             self.last_char = data[-1]
 
     def scroll_up(self, count: int | None = None, *_: Any) -> None:
-        x, y = self.cursor.x, self.cursor.y
-        top, bottom = self.margins or Margins(0, self.lines - 1)
-        for _ in range(min(count or 1, bottom - top + 1)):
-            self.cursor.y = bottom
-            self.index()
-        self.cursor.x, self.cursor.y = x, y
+        self._scroll(count, up=True)
 
     def scroll_down(self, count: int | None = None, *_: Any) -> None:
+        self._scroll(count, up=False)
+
+    def _scroll(self, count: int | None, *, up: bool) -> None:
+        """SU/SD: an index at the region's bottom (or reverse index at its top) per line,
+        the cursor left where it was."""
         x, y = self.cursor.x, self.cursor.y
         top, bottom = self.margins or Margins(0, self.lines - 1)
         for _ in range(min(count or 1, bottom - top + 1)):
-            self.cursor.y = top
-            self.reverse_index()
+            self.cursor.y = bottom if up else top
+            (self.index if up else self.reverse_index)()
         self.cursor.x, self.cursor.y = x, y
 
     def repeat(self, count: int | None = None, *_: Any) -> None:

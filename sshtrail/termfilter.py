@@ -224,6 +224,15 @@ class TermFilter:
         else:
             self.dropped += 1
 
+    def _modes(self, marker: str, params: str, final: str, allowed: frozenset,
+               out: list[str]) -> None:
+        """Set/reset mode: the allowed modes of the list pass, the rest are dropped."""
+        modes = [p for p in params.split(";") if p.isdigit() and int(p) in allowed]
+        if modes:
+            out.append(f"{ESC}[{marker}{';'.join(str(int(p)) for p in modes)}{final}")
+        else:
+            self.dropped += 1
+
     def _csi(self, seq: str, out: list[str]) -> None:
         final, body = seq[-1], seq[:-1]
         marker = body[:1] if body[:1] in ("?", ">", "<", "=") else ""
@@ -233,11 +242,7 @@ class TermFilter:
             return
         if marker == "?":
             if final in "hl":
-                modes = [p for p in params.split(";") if p.isdigit() and int(p) in _PRIVATE_MODES]
-                if modes:
-                    out.append(f"{ESC}[?{';'.join(str(int(p)) for p in modes)}{final}")
-                else:
-                    self.dropped += 1
+                self._modes("?", params, final, _PRIVATE_MODES, out)
             elif final in "JK" and ":" not in params:
                 out.append(f"{ESC}[{_clamp(params.split(';')[0])}{final}")
             else:
@@ -247,11 +252,7 @@ class TermFilter:
             self.dropped += 1
             return
         if final in "hl":
-            modes = [p for p in params.split(";") if p.isdigit() and int(p) in _ANSI_MODES]
-            if modes:
-                out.append(f"{ESC}[{';'.join(str(int(p)) for p in modes)}{final}")
-            else:
-                self.dropped += 1
+            self._modes("", params, final, _ANSI_MODES, out)
         elif final in "su" and not params:
             out.append(ESC + ("7" if final == "s" else "8"))
         elif final == "m":
