@@ -19,7 +19,7 @@ from collector.search import index_chunk
 from collector.store import (BatchProof, EventQuery, SearchQuery, StoreConflict, StoreError,
                              StoredEvent)
 from collector.store_postgres import PostgresStore
-from collector.store_sqlite import SqliteStore
+from collector.store_sqlite import SCHEMA_VERSION, SqliteStore
 from sshtrail.chain import GENESIS, link_hash
 from sshtrail.events import format_time, new_uid
 
@@ -733,7 +733,27 @@ def test_sqlite_store_of_version_1_gets_its_commands_indexed(tmp_path):
     s = SqliteStore(path)
     assert [x[4] for x in hits(s, "clean")] == ["make clean"]
     s.close()
-    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 2
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] \
+        == SCHEMA_VERSION
+
+
+def test_sqlite_store_of_version_2_merges_its_command_index_16_at_a_time(tmp_path):
+    path = tmp_path / "store.db"
+    s = SqliteStore(path)
+    ingest(s, make_events("h1", [1, 2], kind="exec", text="make clean"))
+    s.close()
+    c = sqlite3.connect(path)
+    c.execute("DELETE FROM command_fts_config WHERE k = 'automerge'")  # what version 2 was
+    c.execute("PRAGMA user_version=2")
+    c.commit()
+    c.close()
+    s = SqliteStore(path)
+    ingest(s, make_events("h1", [3], kind="exec", text="make clean", prev=s.chain("h1")[-1].hash))
+    assert len(hits(s, "clean")) == 3
+    s.close()
+    c = sqlite3.connect(path)
+    assert c.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+    assert c.execute("SELECT v FROM command_fts_config WHERE k = 'automerge'").fetchone() == (16,)
 
 
 # -- PostgreSQL only ------------------------------------------------------------------------
