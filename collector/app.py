@@ -31,7 +31,7 @@ from starlette.routing import Route
 from sshtrail import asciicast, batch, events, signing, wire
 
 from . import ca as ca_mod
-from . import ingest, openapi
+from . import balance, ingest, openapi
 from .blobs import BlobError, decompress
 from .store import BadQuery, EventQuery, SearchQuery, StoreConflict
 from .tls import peer_cert_pem
@@ -103,6 +103,13 @@ class Collector:
             self._writer = anyio.CapacityLimiter(1)
         return await anyio.to_thread.run_sync(fn, *args, limiter=self._writer)
 
+    @staticmethod
+    def _written(body: dict) -> JSONResponse:
+        """The answer to a host's write; from a worker with more than its share of connections,
+        with a request to reconnect (see collector.balance)."""
+        shed = balance.slot is not None and balance.slot.over_share()
+        return JSONResponse(body, headers={"connection": "close"} if shed else None)
+
     # -- who is calling ------------------------------------------------------------------------
     def _host(self, request: Request):
         """(server_id, cert) of the host behind this request's client certificate."""
@@ -136,7 +143,7 @@ class Collector:
                                        body, sig)
         except StoreConflict as e:
             raise ingest.Refused(409, str(e)) from None
-        return JSONResponse({"stored": result.stored, "duplicates": result.duplicates})
+        return self._written({"stored": result.stored, "duplicates": result.duplicates})
 
     async def put_recording(self, request: Request):
         server_id, cert = self._host(request)
@@ -144,7 +151,7 @@ class Collector:
         await self._write(ingest.put_recording, self.store, server_id, cert,
                           request.path_params["sid"], body,
                           request.headers.get(batch.SIGNATURE_HEADER))
-        return JSONResponse({"ok": True})
+        return self._written({"ok": True})
 
     async def put_chunk(self, request: Request):
         server_id, cert = self._host(request)
@@ -152,7 +159,7 @@ class Collector:
         new = await self._write(ingest.put_chunk, self.store, self.blobs, server_id, cert,
                                 request.path_params["sid"], request.path_params["seq"],
                                 body, request.headers.get(batch.SIGNATURE_HEADER))
-        return JSONResponse({"stored": bool(new)})
+        return self._written({"stored": bool(new)})
 
     # -- enrollment ------------------------------------------------------------------------------
     async def get_ca(self, request: Request):

@@ -71,8 +71,9 @@ def listen_socket(host: str, port: int):
 
 def serve(cfg, *, listen: str | None = None) -> int:
     """Serve until SIGTERM/SIGINT. collector.workers processes share one listening socket (the
-    kernel hands each connection to one of them): parsing and checking a batch is Python work
-    that one process does on one core, while the stores take writers from several processes."""
+    kernel hands each connection to one of them, and collector.balance evens out the hosts'
+    keep-alive connections): parsing and checking a batch is Python work that one process does
+    on one core, while the stores take writers from several processes."""
     host, port = parse_listen(listen or cfg["collector.listen"])
     CA(cfg["collector.dir"])  # no CA: say so now, before anything listens
     # Opened once here, so the schema exists before the workers open it side by side (and a
@@ -95,12 +96,15 @@ def _supervise(cfg, sock, workers: int) -> int:
     """Fork the workers, pass SIGTERM/SIGINT on to them, and wait for them all. One dying on
     its own takes the others down, so that the service manager restarts the whole."""
     import signal
+    from . import balance
+    loads = balance.Loads(workers)
     children = set()
-    for _ in range(workers):
+    for index in range(workers):
         pid = os.fork()
         if pid == 0:
             code = 1
             try:
+                balance.slot = loads.slot(index)
                 code = _worker(cfg, sock)
             except BaseException as e:  # noqa: BLE001 - said here: nobody else sees a child's
                 log.error("collector worker %d failed: %s: %s", os.getpid(), type(e).__name__, e)

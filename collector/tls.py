@@ -15,10 +15,14 @@ import ssl
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from . import balance
+
 
 class ClientCertProtocol(H11Protocol):
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        if balance.slot is not None:
+            balance.slot.opened()
         ssl_object = transport.get_extra_info("ssl_object")
         der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
         tls = {"client_cert_chain": [ssl.DER_cert_to_PEM_cert(der)] if der else [],
@@ -32,6 +36,11 @@ class ClientCertProtocol(H11Protocol):
             await inner(scope, receive, send)
 
         self.app = app_with_peer
+
+    def connection_lost(self, exc) -> None:
+        super().connection_lost(exc)
+        if balance.slot is not None:
+            balance.slot.closed()
 
 
 def peer_cert_pem(scope) -> str | None:

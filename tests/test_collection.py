@@ -2,6 +2,7 @@
 through the real CLI or library, the real uploader (inside the real agent, or on its own), and
 `sshtrail verify` over the store. The lab sshd provides real logins and recorded sessions."""
 import json
+import os
 import random
 import re
 import signal
@@ -399,3 +400,32 @@ def test_collector_connections_have_nagle_off():
             assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
         with pytest.raises(ServeError, match="cannot listen on 127.0.0.1"):
             listen_socket("127.0.0.1", lsock.getsockname()[1])
+
+
+def test_worker_over_its_share_of_connections_asks_hosts_to_reconnect():
+    # Hosts keep one connection each, so a first uneven split between workers would hold for
+    # good: the worker over its share answers writes with `Connection: close`.
+    from collector import balance
+    from collector.app import Collector
+    loads = balance.Loads(2)
+    first, second = loads.slot(0), loads.slot(1)
+    pid = os.fork()
+    if pid == 0:  # the other worker, a process of its own, counting in the shared table
+        for _ in range(3):
+            second.opened()
+        os._exit(0)
+    assert os.waitpid(pid, 0)[1] == 0
+    first.opened()
+    assert loads.counts() == [1, 3]
+    assert second.over_share() and not first.over_share()
+    saved = balance.slot
+    try:
+        balance.slot = second
+        assert Collector._written({"ok": True}).headers["connection"] == "close"
+        second.closed()  # 1 and 2: within an even split, rounded up
+        assert not second.over_share()
+        assert "connection" not in Collector._written({"ok": True}).headers
+        balance.slot = None  # one worker alone: nothing to balance
+        assert "connection" not in Collector._written({"ok": True}).headers
+    finally:
+        balance.slot = saved
