@@ -104,6 +104,9 @@ def run(cfg, stop: threading.Event | None = None) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
     spool = Spool.from_config(cfg)
+    swept = spool.sweep_chunk_files()  # before any session can send a chunk
+    if swept:
+        log.info("removed %d recording chunk file(s) left by an agent killed mid-write", swept)
     # The follower fixes its starting point before agent.start says we are up.
     watcher = LogWatcher(spool, cfg["sshd_log.path"], attempt_grace=cfg["pam.attempt_grace"])
     message = f"watching {cfg['sshd_log.path']}"

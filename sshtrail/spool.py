@@ -4,7 +4,9 @@ Many short-lived writers at once (one PAM hook per login, the agent) and one rea
 batches and acknowledges them (the uploader). A committed append survives the writer being
 killed (WAL; synchronous=FULL, so it survives a power cut too; the agent's recording writer
 uses NORMAL, which survives a killed process, the case a wrapper re-sends for, at a fraction
-of the fsyncs). Past `max_bytes`, delivered events are pruned first; if the
+of the fsyncs). A recording chunk's bytes go in a file of their own beside the database
+(<spool>.chunks/SID.SEQ), written before the row that points at it; the cap counts them. Past
+`max_bytes`, delivered events and chunks are pruned first; if the
 spool is still full, `on_full` decides what goes, and what went is counted and reported as a
 `spool.dropped` event as soon as there is room: the spool never drops anything silently.
 
@@ -15,6 +17,7 @@ through sqlite-utils. This module must never import a component (pam_module, col
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 import time
 from contextlib import contextmanager
@@ -23,7 +26,10 @@ from . import events
 from .chain import GENESIS, link_hash
 from .errors import SshtrailError
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
+# Chunk files are named after their sid: only sids that are safe as a file name (every sid the
+# agent makes is) get one; any other chunk keeps its bytes in its row.
+_FILE_SAFE_SID = re.compile(r"[0-9A-Za-z-]{1,64}").fullmatch
 # What `seq` and `prev_hash` add to a stored body, counted against the cap before they exist.
 _CHAIN_FIELDS_BYTES = 100
 SCHEMA = """
@@ -67,9 +73,13 @@ CREATE TABLE IF NOT EXISTS recordings (
     dropped_bytes INTEGER NOT NULL DEFAULT 0,
     -- bumped by every change; the uploader sends the row again until synced catches up
     version INTEGER NOT NULL DEFAULT 1, synced INTEGER NOT NULL DEFAULT 0);
+-- size NULL: the bytes are in `data`. A number: they are in the chunk's file (see above), and
+-- data is empty. Files, because SQLite wrote each 256 KiB chunk as 64 WAL frames, 2 syscalls
+-- each, then copied it again at checkpoint: 5 ms of the agent's CPU per MiB of output, the
+-- largest part of its cost (bench/pty); a file takes it in one write.
 CREATE TABLE IF NOT EXISTS recording_chunks (
     sid TEXT NOT NULL, seq INTEGER NOT NULL, data BLOB NOT NULL,
-    sent INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (sid, seq));
+    sent INTEGER NOT NULL DEFAULT 0, size INTEGER, PRIMARY KEY (sid, seq));
 CREATE INDEX IF NOT EXISTS recording_chunks_unsent ON recording_chunks (sent);
 -- Open PAM sessions, so close_session can tell the duration.
 CREATE TABLE IF NOT EXISTS pam_sessions (
@@ -109,6 +119,9 @@ class Spool:
         self.server_hostname = server_hostname
         self.max_bytes = max_bytes
         self.on_full = on_full
+        self.chunk_dir = self.path + ".chunks"
+        self._fsync_chunks = synchronous != "NORMAL"
+        self._doomed: list[str] = []  # chunk files whose rows are deleted, once that commits
         self._db = self._open(busy_timeout, synchronous)
 
     @classmethod
@@ -158,13 +171,18 @@ class Spool:
         evs = [self._complete(ev) for ev in evs]
         incoming = sum(len(events.to_json(ev)) + _CHAIN_FIELDS_BYTES for ev in evs)
         try:
-            with _txn(self._db, immediate=True):
-                room = self._make_room(incoming)
-                if room:
-                    evs += [self._complete(ev) for ev in self._drained_drop_events()]
-                    self._insert_chained(evs)
-                    if extra_sql:
-                        extra_sql(self._db)
+            try:
+                with _txn(self._db, immediate=True):
+                    room = self._make_room(incoming)
+                    if room:
+                        evs += [self._complete(ev) for ev in self._drained_drop_events()]
+                        self._insert_chained(evs)
+                        if extra_sql:
+                            extra_sql(self._db)
+            except BaseException:
+                self._unlink_doomed(committed=False)
+                raise
+            self._unlink_doomed()
             if not room:
                 with _txn(self._db, immediate=True):
                     self._count_drop(len(evs), "spool full (on_full = drop_new)")
@@ -205,19 +223,47 @@ class Spool:
     def _used_bytes(self) -> int:
         pages, free, size = (self._db.execute(f"PRAGMA {p}").fetchone()[0]
                              for p in ("page_count", "freelist_count", "page_size"))
-        return (pages - free) * size
+        return (pages - free) * size + self._chunk_file_bytes()
+
+    def _chunk_file_bytes(self) -> int:
+        row = self._db.execute("SELECT value FROM state WHERE key = 'chunk_file_bytes'").fetchone()
+        return int(row[0]) if row else 0
+
+    def _add_chunk_file_bytes(self, n: int) -> None:
+        self._db.execute("INSERT INTO state (key, value) VALUES ('chunk_file_bytes', ?) ON "
+                         "CONFLICT (key) DO UPDATE SET value = CAST(value AS INTEGER) + ?",
+                         (str(n), n))
 
     def _prune_delivered(self, incoming: int) -> bool:
         """Make room by deleting delivered events and recording chunks, oldest first: they are
         only a local convenience. True if `incoming` bytes now fit under max_bytes."""
-        for sql in ("DELETE FROM events WHERE seq IN (SELECT seq FROM events WHERE sent = 1 "
-                    "ORDER BY seq LIMIT 500)",
-                    "DELETE FROM recording_chunks WHERE rowid IN (SELECT rowid FROM "
-                    "recording_chunks WHERE sent = 1 LIMIT 64)"):
-            while self._used_bytes() + incoming > self.max_bytes:
-                if self._db.execute(sql).rowcount == 0:
-                    break
+        while self._used_bytes() + incoming > self.max_bytes:
+            if self._db.execute("DELETE FROM events WHERE seq IN (SELECT seq FROM events WHERE "
+                                "sent = 1 ORDER BY seq LIMIT 500)").rowcount == 0:
+                break
+        while self._used_bytes() + incoming > self.max_bytes:
+            gone = self._db.execute("DELETE FROM recording_chunks WHERE rowid IN (SELECT rowid "
+                                    "FROM recording_chunks WHERE sent = 1 LIMIT 64) "
+                                    "RETURNING sid, seq, size").fetchall()
+            if not gone:
+                break
+            in_files = [(sid, seq, size) for sid, seq, size in gone if size is not None]
+            if in_files:
+                self._add_chunk_file_bytes(-sum(size for _, _, size in in_files))
+                self._doomed += [self._chunk_path(sid, seq) for sid, seq, _ in in_files]
         return self._used_bytes() + incoming <= self.max_bytes
+
+    def _unlink_doomed(self, committed: bool = True) -> None:
+        """Delete the files of pruned chunks once their rows' deletion has committed (a
+        rollback keeps both)."""
+        if self._db.in_transaction:
+            return  # inside a caller's transaction: the next write after it does this
+        doomed, self._doomed = self._doomed, []
+        for path in doomed if committed else ():
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
 
     def _make_room(self, incoming: int) -> bool:
         if self._prune_delivered(incoming):
@@ -315,18 +361,21 @@ class Spool:
             "SELECT count(*), min(time) FROM events WHERE sent = 0").fetchone()
         rejected = self._db.execute("SELECT count(*) FROM events WHERE sent = 2").fetchone()[0]
         chunks, chunk_bytes = self._db.execute(
-            "SELECT count(*), coalesce(sum(length(data)), 0) FROM recording_chunks "
-            "WHERE sent = 0").fetchone()
+            "SELECT count(*), coalesce(sum(coalesce(size, length(data))), 0) "
+            "FROM recording_chunks WHERE sent = 0").fetchone()
         return {"events": n, "oldest": oldest, "rejected": rejected, "chunks": chunks,
                 "chunk_bytes": chunk_bytes}
 
     # -- recordings, the uploader's side -----------------------------------------------------
 
-    def unsent_chunks(self, limit: int = 16) -> list[tuple[str, int, bytes]]:
-        """(sid, seq, data) of recording chunks not yet delivered, oldest recording first."""
-        return self._db.execute(
-            "SELECT c.sid, c.seq, c.data FROM recording_chunks c JOIN recordings r USING (sid) "
-            "WHERE c.sent = 0 ORDER BY r.started, c.seq LIMIT ?", (limit,)).fetchall()
+    def unsent_chunks(self, limit: int = 16) -> list[tuple[str, int, bytes | None]]:
+        """(sid, seq, data) of recording chunks not yet delivered, oldest recording first; data
+        None if the chunk's file is gone (deleted by hand: nothing of it can be sent)."""
+        rows = self._db.execute(
+            "SELECT c.sid, c.seq, c.data, c.size FROM recording_chunks c JOIN recordings r "
+            "USING (sid) WHERE c.sent = 0 ORDER BY r.started, c.seq LIMIT ?", (limit,)).fetchall()
+        return [(sid, seq, self._chunk_data(sid, seq, data, size))
+                for sid, seq, data, size in rows]
 
     def mark_chunk_sent(self, sid: str, seq: int) -> None:
         with _txn(self._db, immediate=True):
@@ -379,7 +428,16 @@ class Spool:
         """Store one batch of frames; a retried batch (same seq) is stored once. True if new.
         Stored uncompressed: zlib, even at level 1, cost the agent ~22 ms of CPU per MB of
         output here, more than the whole plain session; the collector compresses."""
-        data = frames_blob
+        try:
+            new = self._put_chunk(sid, seq, frames_blob, out_bytes)
+        except BaseException:
+            self._unlink_doomed(committed=False)
+            raise
+        self._unlink_doomed()
+        return new
+
+    def _put_chunk(self, sid: str, seq: int, data: bytes, out_bytes: int) -> bool:
+        in_file = _FILE_SAFE_SID(sid) is not None
         with _txn(self._db, immediate=True):
             # Recordings stop a tenth short of the cap: that room is for events, among them
             # the one saying how much output was dropped.
@@ -390,8 +448,18 @@ class Spool:
                                  "= dropped_bytes + ?, version = version + 1 WHERE sid = ?",
                                  (out_bytes, out_bytes, sid))
                 return False
-            new = self._db.execute("INSERT OR IGNORE INTO recording_chunks (sid, seq, data) "
-                                   "VALUES (?, ?, ?)", (sid, seq, data)).rowcount
+            if self._db.execute("SELECT 1 FROM recording_chunks WHERE sid = ? AND seq = ?",
+                                (sid, seq)).fetchone():
+                return False
+            if in_file:
+                # The file first: a row never points at a file that is not there. A file
+                # whose row never commits is written again by the retry, or swept.
+                self._write_chunk_file(sid, seq, data)
+                self._add_chunk_file_bytes(len(data))
+            new = self._db.execute("INSERT INTO recording_chunks (sid, seq, data, size) "
+                                   "VALUES (?, ?, ?, ?)", (sid, seq, b"" if in_file else data,
+                                                           len(data) if in_file else None)
+                                   ).rowcount
             if new:
                 self._db.execute("UPDATE recordings SET bytes_out = bytes_out + ?, stored_bytes = "
                                  "stored_bytes + ?, chunks = chunks + 1, version = version + 1 "
@@ -417,9 +485,61 @@ class Spool:
     def frames(self, sid: str):
         """The recording's frames in order: (t, kind, data)."""
         from .wire import unpack_frames
-        for (data,) in self._db.execute("SELECT data FROM recording_chunks WHERE sid = ? "
-                                        "ORDER BY seq", (sid,)):
+        for seq, data, size in self._db.execute(
+                "SELECT seq, data, size FROM recording_chunks WHERE sid = ? ORDER BY seq",
+                (sid,)).fetchall():
+            data = self._chunk_data(sid, seq, data, size)
+            if data is None:
+                raise SpoolError(f"recording {sid}: chunk {seq}'s file "
+                                 f"{self._chunk_path(sid, seq)} is gone; the recording cannot "
+                                 "be read whole from this spool (the collector may have it)")
             yield from unpack_frames(data)
+
+    # -- chunk files -------------------------------------------------------------------------
+
+    def _chunk_path(self, sid: str, seq: int) -> str:
+        return os.path.join(self.chunk_dir, f"{sid}.{seq}")
+
+    def _write_chunk_file(self, sid: str, seq: int, data: bytes) -> None:
+        os.makedirs(self.chunk_dir, mode=0o700, exist_ok=True)
+        fd = os.open(self._chunk_path(sid, seq),
+                     os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            if self._fsync_chunks:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _chunk_data(self, sid: str, seq: int, data: bytes, size: int | None) -> bytes | None:
+        if size is None:
+            return data
+        try:
+            with open(self._chunk_path(sid, seq), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            return None
+
+    def sweep_chunk_files(self) -> int:
+        """Delete chunk files no row points at (written by an agent killed before its row
+        committed); returns how many. Run by the agent at start, before it takes chunks."""
+        try:
+            names = os.listdir(self.chunk_dir)
+        except FileNotFoundError:
+            return 0
+        kept = {f"{sid}.{seq}" for sid, seq in self._db.execute(
+            "SELECT sid, seq FROM recording_chunks WHERE size IS NOT NULL")}
+        swept = 0
+        for name in names:
+            if name not in kept:
+                try:
+                    os.unlink(os.path.join(self.chunk_dir, name))
+                    swept += 1
+                except FileNotFoundError:
+                    pass
+        return swept
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -478,9 +598,15 @@ def _migrate(db: sqlite3.Connection) -> None:
             if seq:
                 db.execute("INSERT OR REPLACE INTO state (key, value) VALUES ('chain', ?)",
                            (f"{seq}:{prev}",))
-        elif version not in (0, 5, 6, SCHEMA_VERSION):  # 5 -> 6: an index, made below
+        elif version not in (0, 5, 6, 7, SCHEMA_VERSION):  # 5 -> 6: an index, made below
             raise SpoolError(f"spool schema version {version} is not one this sshtrail knows "
                              f"({SCHEMA_VERSION}); was it written by a newer sshtrail?")
+        if 0 < version < 8:
+            # 7 -> 8: chunks may keep their bytes in files; the ones spooled before keep theirs
+            # in their rows (size NULL).
+            columns = [c[1] for c in db.execute("PRAGMA table_info(recording_chunks)")]
+            if "size" not in columns:
+                db.execute("ALTER TABLE recording_chunks ADD COLUMN size INTEGER")
         if 0 < version < 7:
             # 6 -> 7: claims move to their own table (made below). A claim in flight across
             # the upgrade is simply gone: its events are sent again, and the collector keeps

@@ -233,6 +233,13 @@ class Uploader:
                 announced[sid] = bool(row and row["synced"] > 0)
             if not announced[sid]:
                 continue
+            if data is None:
+                self._stuck_chunks.add((sid, seq))
+                text = (f"recording {sid} chunk {seq}: its file in the spool "
+                        f"({spool.chunk_dir}) is gone, so it cannot be sent; skipped")
+                log.error("%s", text)
+                self._set_status(last_error=text, last_error_time=time.time())
+                continue
             path = f"/v1/recordings/{quote(sid, safe='')}/chunks/{seq}"
             status, why = self._send("PUT", path, bytes(data), "application/octet-stream")
             if status == 200:

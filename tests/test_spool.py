@@ -9,7 +9,8 @@ import time
 import pytest
 
 from sshtrail import events
-from sshtrail.spool import Spool, SpoolFull, SpoolError
+from sshtrail import wire
+from sshtrail.spool import SCHEMA_VERSION, Spool, SpoolFull, SpoolError
 
 WRITER = r"""
 import sys
@@ -188,13 +189,92 @@ def test_spool_of_version_6_keeps_its_events_and_drops_its_claims(tmp_path):
                      f"{time.time()} WHERE seq = 3; PRAGMA user_version = 6;")
     db.close()
     s = spool(tmp_path)
-    assert s.db.execute("PRAGMA user_version").fetchone()[0] == 7
+    assert s.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
     assert s.db.execute("SELECT count(*) FROM sqlite_master WHERE name = 'events_claim'"
                         ).fetchone()[0] == 0
     b = s.claim(100)
     assert [ev["login"] for ev in b.events] == ["u2", "u3", "u4"]
     assert s.ack(b.id) == 3 and s.count(sent=False) == 0
     s.close()
+
+
+def recording(s, sid):
+    s.start_recording(sid=sid, login="u", mode="interactive", command="", term="xterm", cols=80,
+                      rows=24, started=time.time(), wrapper_pid=1, wrapper_start=1)
+
+
+def frames_blob(text: bytes) -> bytes:
+    return wire.pack_frames([(0.5, b"o", text), (0.75, b"o", b"\xff\x00 not UTF-8")])
+
+
+def test_chunk_bytes_go_in_a_file_of_their_own(tmp_path):
+    s = spool(tmp_path)
+    sid = "0000002a-1234-8abc-9def-0123456789ab"
+    recording(s, sid)
+    blob = frames_blob(b"ls -l\r\n")
+    assert s.put_chunk(sid, 1, blob, 20) and not s.put_chunk(sid, 1, blob, 20)  # a retry
+    path = os.path.join(s.chunk_dir, f"{sid}.1")
+    assert open(path, "rb").read() == blob and os.stat(path).st_mode & 0o777 == 0o600
+    assert os.stat(s.chunk_dir).st_mode & 0o777 == 0o700
+    assert s.db.execute("SELECT length(data), size FROM recording_chunks").fetchall() == \
+        [(0, len(blob))]
+    assert list(s.frames(sid)) == wire.unpack_frames(blob)
+    assert s.unsent_chunks() == [(sid, 1, blob)]
+    assert s.backlog()["chunk_bytes"] == len(blob)
+    assert s.recording(sid)["stored_bytes"] == len(blob)
+    os.unlink(path)  # gone by hand: said, not read as an empty recording
+    assert s.unsent_chunks() == [(sid, 1, None)]
+    with pytest.raises(SpoolError, match=f"chunk 1's file {path} is gone"):
+        list(s.frames(sid))
+
+
+def test_cap_counts_chunk_files_and_pruning_deletes_them(tmp_path):
+    s = spool(tmp_path, max_bytes=500_000)
+    recording(s, "r1")
+    assert s._used_bytes() < 100_000  # the database alone stays far under the cap
+    chunk = b"\x00" * 100_000
+    assert all(s.put_chunk("r1", seq, chunk, len(chunk)) for seq in (1, 2, 3))
+    # With 300,000 bytes in files, one more would pass the nine tenths recordings may fill.
+    assert not s.put_chunk("r1", 4, chunk, len(chunk))
+    assert s.recording("r1")["dropped_bytes"] == len(chunk)
+    s.mark_chunk_sent("r1", 1)
+    s.mark_chunk_sent("r1", 2)
+    assert s.put_chunk("r1", 5, chunk, len(chunk))  # delivered chunks made way, files and all
+    assert sorted(os.listdir(s.chunk_dir)) == ["r1.3", "r1.5"]
+    assert [seq for (seq,) in s.db.execute("SELECT seq FROM recording_chunks")] == [3, 5]
+    assert s._chunk_file_bytes() == 2 * len(chunk)
+
+
+def test_agent_start_sweeps_chunk_files_without_a_row(tmp_path):
+    s = spool(tmp_path)
+    recording(s, "r1")
+    s.put_chunk("r1", 1, b"kept", 4)
+    with open(os.path.join(s.chunk_dir, "r1.2"), "wb") as f:
+        f.write(b"written by an agent killed before its row committed")
+    assert s.sweep_chunk_files() == 1
+    assert os.listdir(s.chunk_dir) == ["r1.1"]
+
+
+def test_spool_of_version_7_keeps_chunks_in_their_rows(tmp_path):
+    s = spool(tmp_path)
+    recording(s, "r1")
+    path = s.path
+    s.close()
+    db = sqlite3.connect(path)  # what version 7 was: no size column, bytes in the row
+    blob = frames_blob(b"old\r\n")
+    db.executescript("DROP TABLE recording_chunks; CREATE TABLE recording_chunks (sid TEXT NOT "
+                     "NULL, seq INTEGER NOT NULL, data BLOB NOT NULL, sent INTEGER NOT NULL "
+                     "DEFAULT 0, PRIMARY KEY (sid, seq)); PRAGMA user_version = 7;")
+    db.execute("INSERT INTO recording_chunks (sid, seq, data) VALUES ('r1', 1, ?)", (blob,))
+    db.commit()
+    db.close()
+    s = spool(tmp_path)
+    assert s.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    new = frames_blob(b"new\r\n")
+    s.put_chunk("r1", 2, new, 4)
+    assert s.unsent_chunks() == [("r1", 1, blob), ("r1", 2, new)]
+    assert list(s.frames("r1")) == wire.unpack_frames(blob) + wire.unpack_frames(new)
+    assert os.listdir(s.chunk_dir) == ["r1.2"]
 
 
 def test_query_filters(tmp_path):
