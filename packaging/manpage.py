@@ -17,6 +17,7 @@ FILES = [
     ("/etc/sshtrail/auto-install", "if present when the package is first installed, the package "
                                    "runs sshtrail install (with the words in it as arguments)"),
     ("/var/spool/sshtrail/spool.db", "the local spool (spool.path)"),
+    ("/var/spool/sshtrail/spool.db.chunks/", "the spool's recording chunks, one file each"),
     ("/var/lib/sshtrail/install/install.json", "what sshtrail install changed"),
     ("/var/lib/sshtrail/identity/", "this host's key and certificate (sshtrail enroll)"),
     ("/var/lib/sshtrail/collector/", "the collector's CA, server certificate and store"),

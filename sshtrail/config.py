@@ -35,9 +35,10 @@ DEFAULTS: tuple[Key, ...] = (
     Key("server_id", "", "This host's identity in every event. Empty: /etc/machine-id, else the hostname."),
     Key("server_hostname", "", "Hostname shown in events. Empty: the system hostname."),
     Key("spool.path", "/var/spool/sshtrail/spool.db",
-        "The local spool (SQLite, WAL). Its directory is created root-only (0700)."),
+        "The local spool (SQLite, WAL). Its directory is created root-only (0700). Recording "
+        "chunks go in files beside it, in <spool.path>.chunks/."),
     Key("spool.max_bytes", 1 << 30,
-        "Size cap of the spool. Past it, events already delivered are pruned first; then on_full applies."),
+        "Size cap of the spool, its chunk files included. Past it, events already delivered are pruned first; then on_full applies."),
     Key("spool.on_full", "drop_new",
         "When the spool is full of undelivered events: drop_new keeps the oldest evidence and counts "
         "what it refuses; drop_oldest keeps the newest. Either way a spool.dropped event says how many.",
