@@ -139,7 +139,7 @@ class SessionServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             raise wire.ProtocolError(f"{kind} before hello")
         if kind == "frames":
             seq = header.get("seq")
-            if not isinstance(seq, int) or seq < 1:
+            if type(seq) is not int or not 1 <= seq < 1 << 62:  # a bool is an int too
                 raise wire.ProtocolError("frames without a valid seq")
             out = wire.output_size(payload)  # rejects garbage before it is stored
             self.spool.put_chunk(session["sid"], seq, payload, out)

@@ -430,6 +430,10 @@ class Spool:
         output here, more than the whole plain session; the collector compresses."""
         try:
             new = self._put_chunk(sid, seq, frames_blob, out_bytes)
+        except OSError as e:  # the chunk's file (disk full, ...): nothing of it was stored
+            self._unlink_doomed(committed=False)
+            raise SpoolError(f"spool {self.path}: cannot write recording chunk {seq} of {sid} "
+                             f"in {self.chunk_dir}: {e.strerror or e}") from None
         except BaseException:
             self._unlink_doomed(committed=False)
             raise
@@ -498,7 +502,7 @@ class Spool:
     # -- chunk files -------------------------------------------------------------------------
 
     def _chunk_path(self, sid: str, seq: int) -> str:
-        return os.path.join(self.chunk_dir, f"{sid}.{seq}")
+        return os.path.join(self.chunk_dir, f"{sid}.{int(seq)}")
 
     def _write_chunk_file(self, sid: str, seq: int, data: bytes) -> None:
         os.makedirs(self.chunk_dir, mode=0o700, exist_ok=True)

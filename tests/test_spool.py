@@ -245,6 +245,19 @@ def test_cap_counts_chunk_files_and_pruning_deletes_them(tmp_path):
     assert s._chunk_file_bytes() == 2 * len(chunk)
 
 
+def test_chunk_file_that_cannot_be_written_stores_nothing_and_says_why(tmp_path):
+    s = spool(tmp_path)
+    recording(s, "r1")
+    with open(s.chunk_dir, "w") as f:  # in the way of the directory, like a full disk would be
+        f.write("x")
+    with pytest.raises(SpoolError, match="cannot write recording chunk 1 of r1"):
+        s.put_chunk("r1", 1, b"data", 4)
+    assert s.db.execute("SELECT count(*) FROM recording_chunks").fetchone()[0] == 0
+    assert s.recording("r1")["stored_bytes"] == 0 and s._chunk_file_bytes() == 0
+    os.unlink(s.chunk_dir)
+    assert s.put_chunk("r1", 1, b"data", 4)  # the wrapper's re-send, once there is room
+
+
 def test_agent_start_sweeps_chunk_files_without_a_row(tmp_path):
     s = spool(tmp_path)
     recording(s, "r1")
