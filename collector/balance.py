@@ -2,9 +2,9 @@
 
 The kernel gives each new connection to whichever worker accepts it first, and a host keeps its
 connection for as long as it uploads. So a first uneven split held for good: bench/collector saw
-two workers split 8 hosts 6 to 2, and the one with 6 queued their batches behind its one
-writing thread while the other idled (writes split 87/35; ingest 18,000 instead of 21,000
-events/s). Each worker counts its open connections in a table shared by all (one slot each,
+two workers split 8 hosts about 6 to 2, and the one with 6 queued their batches behind its
+one writing thread while the other idled (writes split 87/35: runs like that ingested 15,800 to
+19,800 events/s, balanced ones 21,900 to 24,200). Each worker counts its open connections in a table shared by all (one slot each,
 written only by its owner); a worker holding more than its share asks the host it has just
 answered to reconnect (`Connection: close`), and the next connection goes to whichever worker
 takes it. Balanced workers never do: a reconnection costs a TLS handshake.
