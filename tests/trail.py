@@ -141,7 +141,27 @@ class Trail:
 
     def close(self) -> None:
         self.stop_agent()
+        # A login's PAM hooks run detached and may still be writing when the test ends: removed
+        # under them, the directory came back (the hook makes a missing spool's directory).
+        # They end within pam.timeout (3 s) by design.
+        deadline = time.monotonic() + 10
+        while self._processes_of_this_trail() and time.monotonic() < deadline:
+            time.sleep(0.05)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+    def _processes_of_this_trail(self) -> list[int]:
+        """Processes started with this trail's config (detached PAM hooks, wrappers)."""
+        needle = str(self.config).encode()
+        found = []
+        for name in os.listdir("/proc"):
+            if name.isdigit() and int(name) != os.getpid():
+                try:
+                    with open(f"/proc/{name}/cmdline", "rb") as f:
+                        if needle in f.read():
+                            found.append(int(name))
+                except OSError:
+                    pass
+        return found
 
 
 def env_without_sshtrail() -> dict:
