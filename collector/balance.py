@@ -2,12 +2,13 @@
 
 The kernel gives each new connection to whichever worker accepts it first, and a host keeps its
 connection for as long as it uploads. So a first uneven split held for good: bench/collector saw
-two workers split 8 hosts about 6 to 2, and the one with 6 queued their batches behind its
-one writing thread while the other idled (writes split 87/35: runs like that ingested 15,800 to
-19,800 events/s, balanced ones 21,900 to 24,200). Each worker counts its open connections in a table shared by all (one slot each,
-written only by its owner); a worker holding more than its share asks the host it has just
-answered to reconnect (`Connection: close`), and the next connection goes to whichever worker
-takes it. Balanced workers never do: a reconnection costs a TLS handshake.
+two workers split 8 hosts about 6 to 2, and the one with 6 queued their batches behind its one
+writing thread while the other idled (writes split 87/35: runs like that ingested 15,800 to
+19,800 events/s, balanced ones 21,900 to 24,200). Each worker counts its open connections in a
+table shared by all (one slot each, written only by its owner); a worker holding more than its
+share asks the host it has just answered to reconnect (`Connection: close`), and the next
+connection goes to whichever worker takes it. Balanced workers never do: a reconnection costs
+a TLS handshake.
 """
 from __future__ import annotations
 
@@ -27,6 +28,10 @@ class Loads:
     def counts(self) -> list[int]:
         return [_SLOT.unpack_from(self._mem, i * _SLOT.size)[0] for i in range(self.workers)]
 
+    def add(self, index: int, n: int) -> None:
+        at = index * _SLOT.size
+        _SLOT.pack_into(self._mem, at, _SLOT.unpack_from(self._mem, at)[0] + n)
+
     def slot(self, index: int) -> "Slot":
         return Slot(self, index)
 
@@ -37,15 +42,11 @@ class Slot:
     def __init__(self, loads: Loads, index: int):
         self.loads, self.index = loads, index
 
-    def _add(self, n: int) -> None:
-        at = self.index * _SLOT.size
-        _SLOT.pack_into(self.loads._mem, at, _SLOT.unpack_from(self.loads._mem, at)[0] + n)
-
     def opened(self) -> None:
-        self._add(1)
+        self.loads.add(self.index, 1)
 
     def closed(self) -> None:
-        self._add(-1)
+        self.loads.add(self.index, -1)
 
     def over_share(self) -> bool:
         """More open connections than an even split gives each worker (rounded up)."""

@@ -30,10 +30,6 @@ SCHEMA_VERSION = 8
 # agent makes is) get one; any other chunk keeps its bytes in its row. (A set, not a regex: the
 # PAM hook imports this module on every PAM call, and `re` would cost it ~4 ms.)
 _FILE_SAFE = frozenset("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ-")
-
-
-def _file_safe(sid: str) -> bool:
-    return 0 < len(sid) <= 64 and _FILE_SAFE.issuperset(sid)
 # What `seq` and `prev_hash` add to a stored body, counted against the cap before they exist.
 _CHAIN_FIELDS_BYTES = 100
 SCHEMA = """
@@ -175,18 +171,13 @@ class Spool:
         evs = [self._complete(ev) for ev in evs]
         incoming = sum(len(events.to_json(ev)) + _CHAIN_FIELDS_BYTES for ev in evs)
         try:
-            try:
-                with _txn(self._db, immediate=True):
-                    room = self._make_room(incoming)
-                    if room:
-                        evs += [self._complete(ev) for ev in self._drained_drop_events()]
-                        self._insert_chained(evs)
-                        if extra_sql:
-                            extra_sql(self._db)
-            except BaseException:
-                self._unlink_doomed(committed=False)
-                raise
-            self._unlink_doomed()
+            with self._pruning_txn():
+                room = self._make_room(incoming)
+                if room:
+                    evs += [self._complete(ev) for ev in self._drained_drop_events()]
+                    self._insert_chained(evs)
+                    if extra_sql:
+                        extra_sql(self._db)
             if not room:
                 with _txn(self._db, immediate=True):
                     self._count_drop(len(evs), "spool full (on_full = drop_new)")
@@ -257,17 +248,25 @@ class Spool:
                 self._doomed += [self._chunk_path(sid, seq) for sid, seq, _ in in_files]
         return self._used_bytes() + incoming <= self.max_bytes
 
-    def _unlink_doomed(self, committed: bool = True) -> None:
-        """Delete the files of pruned chunks once their rows' deletion has committed (a
-        rollback keeps both)."""
-        if self._db.in_transaction:
-            return  # inside a caller's transaction: the next write after it does this
-        doomed, self._doomed = self._doomed, []
-        for path in doomed if committed else ():
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+    @contextmanager
+    def _pruning_txn(self):
+        """A write transaction that may prune chunks: their files are deleted once the rows'
+        deletion has committed, and kept if it rolls back. (Inside a caller's transaction, the
+        next write after it does this.)"""
+        try:
+            with _txn(self._db, immediate=True):
+                yield
+        except BaseException:
+            if not self._db.in_transaction:
+                self._doomed.clear()
+            raise
+        if not self._db.in_transaction:
+            doomed, self._doomed = self._doomed, []
+            for path in doomed:
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
 
     def _make_room(self, incoming: int) -> bool:
         if self._prune_delivered(incoming):
@@ -433,20 +432,14 @@ class Spool:
         Stored uncompressed: zlib, even at level 1, cost the agent ~22 ms of CPU per MB of
         output here, more than the whole plain session; the collector compresses."""
         try:
-            new = self._put_chunk(sid, seq, frames_blob, out_bytes)
+            return self._put_chunk(sid, seq, frames_blob, out_bytes)
         except OSError as e:  # the chunk's file (disk full, ...): nothing of it was stored
-            self._unlink_doomed(committed=False)
             raise SpoolError(f"spool {self.path}: cannot write recording chunk {seq} of {sid} "
                              f"in {self.chunk_dir}: {e.strerror or e}") from None
-        except BaseException:
-            self._unlink_doomed(committed=False)
-            raise
-        self._unlink_doomed()
-        return new
 
     def _put_chunk(self, sid: str, seq: int, data: bytes, out_bytes: int) -> bool:
-        in_file = _file_safe(sid)
-        with _txn(self._db, immediate=True):
+        in_file = 0 < len(sid) <= 64 and _FILE_SAFE.issuperset(sid)
+        with self._pruning_txn():
             # Recordings stop a tenth short of the cap: that room is for events, among them
             # the one saying how much output was dropped.
             if not self._prune_delivered(len(data) + self.max_bytes // 10):
@@ -464,16 +457,13 @@ class Spool:
                 # whose row never commits is written again by the retry, or swept.
                 self._write_chunk_file(sid, seq, data)
                 self._add_chunk_file_bytes(len(data))
-            new = self._db.execute("INSERT INTO recording_chunks (sid, seq, data, size) "
-                                   "VALUES (?, ?, ?, ?)", (sid, seq, b"" if in_file else data,
-                                                           len(data) if in_file else None)
-                                   ).rowcount
-            if new:
-                self._db.execute("UPDATE recordings SET bytes_out = bytes_out + ?, stored_bytes = "
-                                 "stored_bytes + ?, chunks = chunks + 1, version = version + 1 "
-                                 "WHERE sid = ?",
-                                 (out_bytes, len(data), sid))
-        return bool(new)
+            self._db.execute("INSERT INTO recording_chunks (sid, seq, data, size) "
+                             "VALUES (?, ?, ?, ?)", (sid, seq, b"" if in_file else data,
+                                                     len(data) if in_file else None))
+            self._db.execute("UPDATE recordings SET bytes_out = bytes_out + ?, stored_bytes = "
+                             "stored_bytes + ?, chunks = chunks + 1, version = version + 1 "
+                             "WHERE sid = ?", (out_bytes, len(data), sid))
+        return True
 
     def end_recording(self, sid: str, *evs: dict, **fields) -> None:
         sets = ", ".join([f"{k} = ?" for k in fields] + ["version = version + 1"])

@@ -192,11 +192,9 @@ class Uploader:
 
     def _reject(self, spool: Spool, b: Batch, reason: str) -> None:
         spool.reject(b, reason)
-        text = (f"collector refused events seq {b.first_seq}-{b.last_seq} "
-                f"({len(b.bodies)}): {reason}; set aside in the spool, an upload.rejected "
-                "event reports it")
-        log.error("%s", text)
-        self._set_status(last_error=text, last_error_time=time.time())
+        self._error(f"collector refused events seq {b.first_seq}-{b.last_seq} "
+                    f"({len(b.bodies)}): {reason}; set aside in the spool, an upload.rejected "
+                    "event reports it")
 
     # -- recordings ------------------------------------------------------------------------
 
@@ -235,10 +233,8 @@ class Uploader:
                 continue
             if data is None:
                 self._stuck_chunks.add((sid, seq))
-                text = (f"recording {sid} chunk {seq}: its file in the spool "
-                        f"({spool.chunk_dir}) is gone, so it cannot be sent; skipped")
-                log.error("%s", text)
-                self._set_status(last_error=text, last_error_time=time.time())
+                self._error(f"recording {sid} chunk {seq}: its file in the spool "
+                            f"({spool.chunk_dir}) is gone, so it cannot be sent; skipped")
                 continue
             path = f"/v1/recordings/{quote(sid, safe='')}/chunks/{seq}"
             status, why = self._send("PUT", path, bytes(data), "application/octet-stream")
@@ -259,8 +255,11 @@ class Uploader:
         return done
 
     def _refused_recording(self, what: str, status: int, why: str) -> None:
-        text = (f"collector refused {what}: HTTP {status}: {why}; kept in the spool, skipped "
-                "until the agent restarts")
+        self._error(f"collector refused {what}: HTTP {status}: {why}; kept in the spool, "
+                    "skipped until the agent restarts")
+
+    def _error(self, text: str) -> None:
+        """Logged, and shown by `sshtrail status` as the last error."""
         log.error("%s", text)
         self._set_status(last_error=text, last_error_time=time.time())
 
