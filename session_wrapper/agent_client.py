@@ -21,8 +21,9 @@ RETRY_EVERY = 1.0
 # Output read within this long of a frame's start joins that frame: a stream of 4 KiB pty reads
 # becomes a few frames per batch, not hundreds, and playback cannot tell the difference.
 COALESCE_S = 0.01
-# A batch never outgrows a message (each add() brings at most one read of the relay, 64 KiB).
-MAX_BATCH = wire.MAX_MESSAGE - (256 << 10)
+# A batch never outgrows a recording chunk, whatever recording.batch_bytes says: it is sealed
+# once it reaches MAX_BATCH, and each add() brings at most one read of the relay (64 KiB).
+MAX_BATCH = wire.MAX_CHUNK - (64 << 10) - 2 * FRAME.size
 
 
 class AgentClient:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import re
 
-from . import events
+from . import events, wire
 from .chain import GENESIS, link_hash  # noqa: F401  (part of this module's face)
 
 MEDIA_TYPE = "application/x-ndjson"
@@ -25,7 +25,7 @@ SIGNATURE_HEADER = "X-Sshtrail-Signature"
 # One batch's limits: the uploader stays under them, the collector refuses anything over them.
 MAX_EVENTS = 5000
 MAX_BYTES = 8 << 20
-MAX_CHUNK_BYTES = 4 << 20
+MAX_CHUNK_BYTES = wire.MAX_CHUNK
 _HEX64 = re.compile("[0-9a-f]{64}").fullmatch
 _raw_decode = json.JSONDecoder().raw_decode
 

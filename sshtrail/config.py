@@ -73,7 +73,8 @@ DEFAULTS: tuple[Key, ...] = (
         "Also record the output of non-interactive commands (scp, rsync, `ssh host cmd`)."),
     Key("recording.batch_ms", 50,
         "The wrapper hands recorded output to the agent at least this often (milliseconds)..."),
-    Key("recording.batch_bytes", 262144, "...or whenever this much is waiting."),
+    Key("recording.batch_bytes", 1 << 20,
+        "...or whenever this much is waiting (at most 4 MiB, what one recording chunk may hold)."),
     Key("recording.buffer_bytes", 64 << 20,
         "What a wrapper holds for an agent that is slow or away; past it, output is dropped from "
         "the recording (never from the terminal) and the loss is reported with its size."),

@@ -141,6 +141,9 @@ class SessionServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             seq = header.get("seq")
             if type(seq) is not int or not 1 <= seq < 1 << 62:  # a bool is an int too
                 raise wire.ProtocolError("frames without a valid seq")
+            if len(payload) > wire.MAX_CHUNK:  # stored, it could never be uploaded
+                raise wire.ProtocolError(f"frames of {len(payload)} bytes, over the "
+                                         f"{wire.MAX_CHUNK} one recording chunk may hold")
             out = wire.output_size(payload)  # rejects garbage before it is stored
             self.spool.put_chunk(session["sid"], seq, payload, out)
             return {"type": "ack", "seq": seq}, session

@@ -28,6 +28,9 @@ from _json import make_scanner as _make_scanner
 from .events import to_json as _to_json
 
 MAX_MESSAGE = 8 << 20
+# The most bytes of frames one recording chunk may hold: a frames message's payload is stored
+# as one chunk and uploaded as one request, and the collector takes no more than this in one.
+MAX_CHUNK = 4 << 20
 _LEN = struct.Struct(">I")
 FRAME = struct.Struct(">dcI")
 # Where a frame header keeps its length, so that a writer may extend the last frame it packed.

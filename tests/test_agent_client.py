@@ -1,0 +1,51 @@
+"""The wrapper's side of the agent protocol, against a stand-in agent on a real unix socket."""
+import socket
+import threading
+
+from session_wrapper.agent_client import AgentClient, default_hello
+from sshtrail import wire
+
+
+def stand_in_agent(path):
+    """Welcomes one wrapper, acknowledges every batch; returns the batches it got."""
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(str(path))
+    srv.listen(1)
+    batches = []
+
+    def serve():
+        conn, _ = srv.accept()
+        reader = wire.Reader()
+        with conn, srv:
+            while (msgs := reader.recv_from(conn)) is not None:
+                for header, payload in msgs:
+                    if header["type"] == "hello":
+                        conn.sendall(wire.pack({"type": "welcome", "sid": "s1"}))
+                    elif header["type"] == "frames":
+                        batches.append(payload)
+                        conn.sendall(wire.pack({"type": "ack", "seq": header["seq"]}))
+                    elif header["type"] == "end":
+                        conn.sendall(wire.pack({"type": "ack", "seq": "end"}))
+                        return
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return batches, thread
+
+
+def test_no_batch_outgrows_what_a_chunk_may_hold(tmp_path):
+    # batch_bytes is an operator's setting; a chunk over wire.MAX_CHUNK could never be stored
+    # by the agent nor taken by the collector, so the client seals before that, whatever it says.
+    batches, thread = stand_in_agent(tmp_path / "agent.sock")
+    client = AgentClient(str(tmp_path / "agent.sock"), default_hello("interactive", "", 80, 24),
+                         batch_s=60.0, batch_bytes=64 << 20, buffer_bytes=256 << 20)
+    assert client.connect()
+    read = b"x" * 65536  # the most one read of the relay brings
+    for i in range(200):
+        client.add(b"o" if i % 7 else b"i", read)
+    assert client.finish({"exit_status": 0}, timeout=10.0)
+    thread.join(10)
+    assert len(batches) > 1 and max(map(len, batches)) <= wire.MAX_CHUNK
+    got = [(kind, data) for b in batches for _, kind, data in wire.unpack_frames(b)]
+    assert sum(len(data) for _, data in got) == 200 * len(read)  # nothing lost on the way
+    assert sum(kind == b"i" for kind, _ in got) == len([i for i in range(200) if i % 7 == 0])
