@@ -22,8 +22,12 @@ MAX_AGE = 900.0
 
 def add(db, *, conn: str, login: str, service: str, stage: str, pid: int, addr: str,
         at: float) -> None:
+    # Once per PAM call: the hook may write a call the agent already wrote (see hook.record),
+    # and a second row would be reported as a second refusal.
     db.execute("INSERT INTO pam_attempts (conn, login, service, stage, pid, addr, time) "
-               "VALUES (?, ?, ?, ?, ?, ?, ?)", (conn, login, service, stage, pid, addr, at))
+               "SELECT ?, ?, ?, ?, ?, ?, ? WHERE NOT EXISTS (SELECT 1 FROM pam_attempts WHERE "
+               "conn = ? AND stage = ? AND pid = ? AND time = ?)",
+               (conn, login, service, stage, pid, addr, at, conn, stage, pid, at))
 
 
 def grant(db, conn: str, *, at: float) -> None:

@@ -13,6 +13,7 @@ for the recording: a Python start costs a PAM call ~7 ms here, and a login makes
 goes wrong reaches syslog (LOG_AUTHPRIV). Fail-closed (`--fail-closed`, written by install when
 pam.fail_closed is true, with the PAM control `required`): pam_exec runs the hook itself, which
 writes before it returns and exits non-zero if it could not, so PAM refuses the login.
+Either way the write is the agent's when it runs (_via_agent), else this process's.
 
 What each PAM call records:
 - auth, account: a pending attempt, keyed by the connection (SSH_CONNECTION). No event yet: PAM
@@ -43,6 +44,11 @@ if __name__ == "__main__" and not __package__:
 DEFAULT_TIMEOUT = 3.0
 _PAM_TYPES = ("auth", "account", "open_session", "close_session", "password")
 _MAX_FIELD = 256
+# What a PAM call is made of: the agent, recording it for the hook, gets these and no more.
+_ENV = ("PAM_TYPE", "PAM_USER", "PAM_SERVICE", "PAM_TTY", "PAM_RHOST", "SSH_CONNECTION",
+        "SSH_AUTH_INFO_0")
+# Of pam.timeout, what a hook keeps for writing a call itself when the agent did not confirm.
+_LOCAL_RESERVE = 0.5
 # close_session's child may run before open_session's child has written (a session of a few
 # ms); it waits this long for the start row to compute the duration.
 _CLOSE_WAITS_FOR_OPEN = 2.0
@@ -108,8 +114,10 @@ class PamCall:
     """The facts of one PAM call, taken before the hook detaches (the calling sshd may be gone
     by the time the child writes) and checked: all of it comes from the PAM environment."""
 
-    def __init__(self, env, ppid: int, now: float):
-        from sshtrail import procfs
+    def __init__(self, env, ppid: int, now: float, *, taken: dict | None = None):
+        """`taken`: what the hook's process read from /proc and chose (see message()), when the
+        agent records the call for it."""
+        self.env = {k: env[k] for k in _ENV if k in env}
         self.now = now
         self.type = _clean("PAM_TYPE", env.get("PAM_TYPE"))
         if self.type not in _PAM_TYPES:
@@ -119,11 +127,15 @@ class PamCall:
         self.tty = _clean("PAM_TTY", env.get("PAM_TTY"), required=False)
         self.rhost = _clean("PAM_RHOST", env.get("PAM_RHOST"), required=False)
         self.ppid = ppid
-        try:
-            self.ppid_start = procfs.start_time(ppid)
-        except procfs.ProcessGone:
-            self.ppid_start = None  # sshd already gone (a very short session): see sid()
-        self.boot = procfs.boot_id()
+        if taken is None:
+            from sshtrail import procfs
+            try:
+                ppid_start = procfs.start_time(ppid)
+            except procfs.ProcessGone:
+                ppid_start = None  # sshd already gone (a very short session): see sid()
+            taken = {"ppid_start": ppid_start, "boot": procfs.boot_id(),
+                     "seed": os.urandom(10).hex()}
+        self.ppid_start, self.boot, self.seed = taken["ppid_start"], taken["boot"], taken["seed"]
         conn = _clean("SSH_CONNECTION", env.get("SSH_CONNECTION"), required=False)
         if conn:
             parts = conn.split()
@@ -137,6 +149,29 @@ class PamCall:
             self.conn = f"pid {ppid}"
             self.addr = self.rhost
         self.auth_info = env.get("SSH_AUTH_INFO_0", "")
+
+    def message(self) -> dict:
+        """The call as the agent takes it: what it needs to record it as this process would,
+        down to the event uids."""
+        return {"type": "pam", "env": self.env, "ppid": self.ppid, "now": self.now,
+                "ppid_start": self.ppid_start, "boot": self.boot, "seed": self.seed}
+
+    @classmethod
+    def from_message(cls, m: dict) -> "PamCall":
+        env, ppid, now, start, seed = (m.get(k) for k in ("env", "ppid", "now", "ppid_start",
+                                                          "seed"))
+        if not (isinstance(env, dict) and all(isinstance(v, str) for v in env.values())
+                and type(ppid) is int and type(now) is float and isinstance(m.get("boot"), str)
+                and (start is None or type(start) is int) and isinstance(seed, str)
+                and len(seed) == 20 and all(c in "0123456789abcdef" for c in seed)):
+            raise HookError("PAM call message with fields missing or of the wrong type")
+        return cls(env, ppid, now, taken={"ppid_start": start, "boot": m["boot"], "seed": seed})
+
+    def uid(self, kind: str, at: float) -> str:
+        """This call's `kind` event's uid: the same whoever writes it, the agent or the hook."""
+        from sshtrail import events
+        from sshtrail.sha import sha256
+        return events.new_uid(int(at * 1e9), sha256(f"{self.seed} {kind}".encode()).digest())
 
     def sid(self, server_id: str) -> str:
         """Derived from the sshd process (see sshtrail.sessionid), so others can find it; if
@@ -161,11 +196,15 @@ class PamCall:
         return ",".join(methods), key
 
 
-def record(cfg, call: PamCall) -> None:
+def record(cfg, call: PamCall, spool=None) -> None:
+    """Write the call. `spool`: one already open (the agent's), left open. Writing a call twice
+    (the agent did, but its confirmation never came) keeps it once."""
     from pam_module import attempts
     from sshtrail import events
     from sshtrail.spool import Spool
-    spool = Spool.from_config(cfg)
+    own = spool is None
+    if own:
+        spool = Spool.from_config(cfg)
     try:
         if call.type in ("auth", "account"):
             with spool.transaction() as db:
@@ -174,11 +213,13 @@ def record(cfg, call: PamCall) -> None:
         elif call.type == "open_session":
             method, key = call.method_and_key()
             common = {"login": call.user, "addr.remote": call.addr}
-            login = events.new("user.login", at=call.now, success=True, method=method,
-                               service=call.service, **common)
+            login = events.new("user.login", at=call.now, uid=call.uid("user.login", call.now),
+                               success=True, method=method, service=call.service, **common)
             if key:
                 login["key"] = key
-            start = events.new("session.start", at=call.now, sid=call.sid(spool.server_id),
+            start = events.new("session.start", at=call.now,
+                               uid=call.uid("session.start", call.now),
+                               sid=call.sid(spool.server_id),
                                tty=call.tty, **common)
 
             def bookkeeping(db):
@@ -192,7 +233,8 @@ def record(cfg, call: PamCall) -> None:
             # Each call's time is taken when its detached child starts, and two children
             # started a few ms apart may start in either order: an end never precedes its start.
             at = max(call.now, row[1]) if row else call.now
-            end = events.new("session.end", at=at, login=call.user,
+            end = events.new("session.end", at=at, uid=call.uid("session.end", at),
+                             login=call.user,
                              sid=row[0] if row else call.sid(spool.server_id),
                              **{"addr.remote": call.addr})
             if row:
@@ -203,7 +245,40 @@ def record(cfg, call: PamCall) -> None:
                 "DELETE FROM pam_sessions WHERE conn = ? AND pid = ?", (call.conn, call.ppid)))
         # "password" (changing a password) is not a login event: nothing to record.
     finally:
-        spool.close()
+        if own:
+            spool.close()
+
+
+def _via_agent(cfg, call: PamCall, timeout: float) -> bool:
+    """Have the agent write the call: it has the spool open and sqlite3 loaded, which cost this
+    process ~20 of its ~35 ms of CPU, three times a login, on the cores the login runs on. True
+    once the agent (a root process: the kernel says so) confirmed the write; else the caller
+    writes it itself."""
+    if timeout <= 0:
+        return False
+    import struct
+    from _socket import AF_UNIX, SO_PEERCRED, SOCK_STREAM, SOL_SOCKET, socket
+
+    from sshtrail import wire
+    sock = socket(AF_UNIX, SOCK_STREAM)  # the C socket: no context manager, no enum import
+    try:
+        sock.settimeout(timeout)
+        sock.connect(cfg["agent.socket"])
+        _, uid, _ = struct.unpack("3i", sock.getsockopt(SOL_SOCKET, SO_PEERCRED, 12))
+        if uid != 0:
+            return False  # not our agent: whoever it is would be told what it need not know
+        sock.sendall(wire.pack(dict(call.message(), spool=cfg["spool.path"])))
+        reader = wire.Reader()
+        while True:
+            msgs = reader.recv_from(sock)
+            if msgs is None:
+                return False
+            if msgs:
+                return msgs[0][0].get("type") == "ack"
+    except (OSError, wire.ProtocolError):
+        return False
+    finally:
+        sock.close()
 
 
 def _wait_for_start(spool, call: PamCall) -> tuple[str, float] | None:
@@ -239,7 +314,8 @@ def main(argv: list[str] | None = None) -> int:
         from sshtrail import config
         cfg = config.load_cached(_option(argv, "--config"))
         watchdog.set(cfg["pam.timeout"])
-        record(cfg, call)
+        if not _via_agent(cfg, call, watchdog.deadline - time.monotonic() - _LOCAL_RESERVE):
+            record(cfg, call)
         return 0
     except Exception as e:  # noqa: BLE001 - every failure must reach syslog, never a traceback
         _report(f"{what}: could not record: {e}")

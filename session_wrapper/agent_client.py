@@ -65,11 +65,18 @@ class AgentClient:
         try:
             sock = socket(AF_UNIX, SOCK_STREAM)
             sock.settimeout(timeout)
-            sock.connect(self.path)
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    sock.connect(self.path)
+                    break
+                except BlockingIOError:  # its backlog is full (a burst of logins): wait a turn
+                    if time.monotonic() > deadline:
+                        raise OSError("the agent's socket stayed busy") from None
+                    time.sleep(0.01)
             hello = dict(self.hello, resume=self.sid) if self.sid else self.hello
             sock.sendall(wire.pack(hello))
             reader = wire.Reader()
-            deadline = time.monotonic() + timeout
             while True:
                 msgs = reader.recv_from(sock)
                 if msgs is None:

@@ -75,11 +75,13 @@ class EventError(SshtrailError, ValueError):
     """An event that does not match the model; the message names the field."""
 
 
-def new_uid(now_ns: int | None = None) -> str:
+def new_uid(now_ns: int | None = None, rand: bytes | None = None) -> str:
     """A UUIDv7 (RFC 9562): 48-bit Unix milliseconds, then randomness. Its text sorts by time,
-    so the spool, the collector and an export can order by uid without parsing `time`."""
+    so the spool, the collector and an export can order by uid without parsing `time`. `rand`
+    (10 bytes) in place of fresh randomness gives the same uid again: for a writer that may
+    write the same event twice and wants the spool to keep it once."""
     ms = (time.time_ns() if now_ns is None else now_ns) // 1_000_000
-    rand = int.from_bytes(os.urandom(10), "big")
+    rand = int.from_bytes(os.urandom(10) if rand is None else rand[:10], "big")
     value = (ms & ((1 << 48) - 1)) << 80 | 0x7 << 76 | (rand >> 68 & 0xFFF) << 64 \
         | 0b10 << 62 | (rand & ((1 << 62) - 1))
     h = f"{value:032x}"

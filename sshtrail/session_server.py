@@ -7,6 +7,9 @@ parent and grandparent are sshd: the user's session process and the root monitor
 sshd's ForceCommand can make a process whose parent is sshd); the sid comes from that monitor
 (sshtrail.sessionid), the same one the PAM hook derived. A frame batch is acknowledged only
 once it is in the spool, so a wrapper re-sends whatever an agent that died never confirmed.
+
+PAM hooks (root, by SO_PEERCRED) hand their calls over here too, to be written by a process
+that has the spool open already (pam_module.hook._via_agent).
 """
 from __future__ import annotations
 
@@ -75,10 +78,10 @@ class _Handler(socketserver.BaseRequestHandler):
                     reply, session = self.server.handle_message(session, pid, uid, header, payload)
                     if reply:
                         sock.sendall(wire.pack(reply))
-                    if header["type"] == "end":
+                    if header["type"] in ("end", "pam"):
                         return
         except (PeerRefused, wire.ProtocolError) as e:
-            log.warning("session wrapper pid %d uid %d refused: %s", pid, uid, e)
+            log.warning("peer pid %d uid %d refused: %s", pid, uid, e)
             try:
                 sock.sendall(wire.pack({"type": "refused", "reason": str(e)}))
             except OSError:
@@ -97,6 +100,9 @@ class _Handler(socketserver.BaseRequestHandler):
 
 class SessionServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
+    # A login brings its PAM calls and its wrapper: socketserver's backlog of 5 made a burst of
+    # logins find it full, and a unix socket refuses (EAGAIN) rather than queue the connect.
+    request_queue_size = 256
 
     def __init__(self, cfg, on_session=None):
         self.cfg = cfg
@@ -135,6 +141,8 @@ class SessionServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         kind = header["type"]
         if kind == "hello":
             return self._hello(pid, uid, header)
+        if kind == "pam" and session is None:
+            return self._pam(uid, header), None
         if session is None:
             raise wire.ProtocolError(f"{kind} before hello")
         if kind == "frames":
@@ -152,6 +160,25 @@ class SessionServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             session["ended"] = True
             return {"type": "ack", "seq": "end"}, session
         raise wire.ProtocolError(f"unknown message type {kind!r}")
+
+    def _pam(self, uid, header):
+        """A PAM hook's call, written here for it (see pam_module.hook._via_agent): as the hook
+        itself would, into the spool the hook names, which must be ours."""
+        if uid != 0:
+            raise PeerRefused("PAM calls are taken from root only")
+        if header.get("spool") != self.cfg["spool.path"]:
+            raise PeerRefused(f"this agent writes {self.cfg['spool.path']}, not "
+                              f"{header.get('spool')!r}")
+        from pam_module import hook
+        try:
+            call = hook.PamCall.from_message(header)
+        except hook.HookError as e:
+            raise wire.ProtocolError(str(e)) from None
+        if not hasattr(self._local, "pam_spool"):
+            # synchronous FULL, as the hook's own: a login is evidence, not a terminal's output.
+            self._local.pam_spool = Spool.from_config(self.cfg)
+        hook.record(self.cfg, call, spool=self._local.pam_spool)
+        return {"type": "ack", "seq": "pam"}
 
     def _hello(self, pid, uid, header):
         monitor = sshd_monitor_of(pid)

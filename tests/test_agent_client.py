@@ -1,6 +1,7 @@
 """The wrapper's side of the agent protocol, against a stand-in agent on a real unix socket."""
 import socket
 import threading
+import time
 
 from session_wrapper.agent_client import AgentClient, default_hello
 from sshtrail import wire
@@ -49,3 +50,44 @@ def test_no_batch_outgrows_what_a_chunk_may_hold(tmp_path):
     got = [(kind, data) for b in batches for _, kind, data in wire.unpack_frames(b)]
     assert sum(len(data) for _, data in got) == 200 * len(read)  # nothing lost on the way
     assert sum(kind == b"i" for kind, _ in got) == len([i for i in range(200) if i % 7 == 0])
+
+
+def test_a_busy_agent_socket_is_waited_for_not_taken_for_an_absent_agent(tmp_path):
+    # A unix socket whose backlog is full refuses a connect (EAGAIN) instead of queueing it: a
+    # burst of logins (their PAM calls and wrappers) must not leave sessions unrecorded.
+    path = str(tmp_path / "agent.sock")
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(path)
+    srv.listen(0)
+    fillers = []
+    while True:  # connections nobody has accepted yet, up to the backlog
+        c = socket.socket(socket.AF_UNIX)
+        c.setblocking(False)
+        try:
+            c.connect(path)
+        except BlockingIOError:
+            c.close()
+            break
+        fillers.append(c)
+    hello = default_hello("interactive", "", 80, 24)
+    assert not AgentClient(path, hello, batch_s=1, batch_bytes=1 << 20,
+                           buffer_bytes=1 << 20).connect(timeout=0.2)
+
+    def accept_later():
+        time.sleep(0.3)
+        while True:
+            conn, _ = srv.accept()
+            conn.settimeout(2)
+            msgs = wire.Reader().recv_from(conn) if len(fillers) == 0 else None
+            if msgs:
+                conn.sendall(wire.pack({"type": "welcome", "sid": "s1"}))
+                return conn
+            fillers.pop().close()
+
+    thread = threading.Thread(target=accept_later, daemon=True)
+    thread.start()
+    client = AgentClient(path, hello, batch_s=1, batch_bytes=1 << 20, buffer_bytes=1 << 20)
+    assert client.connect(timeout=5.0), client.error
+    assert client.sid == "s1"
+    thread.join(5)
+    srv.close()

@@ -4,7 +4,7 @@ wrapper, is in test_recording.py.)"""
 import pytest
 
 from sshtrail import config, wire
-from sshtrail.session_server import SessionServer
+from sshtrail.session_server import PeerRefused, SessionServer
 from sshtrail.spool import Spool
 
 
@@ -51,3 +51,23 @@ def test_a_batch_bigger_than_a_chunk_may_be_is_refused(server):
     reply, _ = server.handle_message(dict(SESSION), 1, 1000, {"type": "frames", "seq": 1},
                                      frames(wire.MAX_CHUNK - wire.FRAME.size))
     assert reply == {"type": "ack", "seq": 1}
+
+
+def pam_call(pam_type="account"):
+    from pam_module import hook
+    env = {"PAM_TYPE": pam_type, "PAM_USER": "bob", "PAM_SERVICE": "sshd",
+           "SSH_CONNECTION": "127.0.0.1 50600 127.0.0.1 22"}
+    return hook.PamCall(env, 1, 1700000000.5).message()
+
+
+def test_pam_calls_are_taken_from_root_only_and_for_this_spool(server):
+    mine = dict(pam_call(), spool=server.cfg["spool.path"])
+    with pytest.raises(PeerRefused, match="root only"):
+        server.handle_message(None, 4242, 1000, mine, b"")
+    with pytest.raises(PeerRefused, match="this agent writes"):
+        server.handle_message(None, 4242, 0, dict(mine, spool="/elsewhere/spool.db"), b"")
+    with pytest.raises(wire.ProtocolError, match="wrong type"):
+        server.handle_message(None, 4242, 0, dict(mine, ppid="1"), b"")
+    assert not server.spool.db.execute("SELECT count(*) FROM pam_attempts").fetchone()[0]
+    assert server.handle_message(None, 4242, 0, mine, b"") == ({"type": "ack", "seq": "pam"}, None)
+    assert server.spool.db.execute("SELECT login FROM pam_attempts").fetchall() == [("bob",)]

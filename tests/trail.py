@@ -143,18 +143,22 @@ class Trail:
         self.stop_agent()
         # A login's PAM hooks run detached and may still be writing when the test ends: removed
         # under them, the directory came back (the hook makes a missing spool's directory).
-        # They end within pam.timeout (3 s) by design.
-        deadline = time.monotonic() + 10
-        while self._processes_of_this_trail() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        self.wait_for_detached()
         shutil.rmtree(self.dir, ignore_errors=True)
 
+    def wait_for_detached(self, timeout: float = 10.0) -> None:
+        """Until no process started with this trail's config is left but the agent: detached
+        PAM hooks (they end within pam.timeout, 3 s, by design) and session wrappers."""
+        deadline = time.monotonic() + timeout
+        while self._processes_of_this_trail() and time.monotonic() < deadline:
+            time.sleep(0.01)
+
     def _processes_of_this_trail(self) -> list[int]:
-        """Processes started with this trail's config (detached PAM hooks, wrappers)."""
         needle = str(self.config).encode()
+        skip = {os.getpid(), self.agent.pid if self.agent else 0}
         found = []
         for name in os.listdir("/proc"):
-            if name.isdigit() and int(name) != os.getpid():
+            if name.isdigit() and int(name) not in skip:
                 try:
                     with open(f"/proc/{name}/cmdline", "rb") as f:
                         if needle in f.read():
