@@ -36,7 +36,7 @@ DEFAULTS: tuple[Key, ...] = (
     Key("server_hostname", "", "Hostname shown in events. Empty: the system hostname."),
     Key("spool.path", "/var/spool/sshtrail/spool.db",
         "The local spool (SQLite, WAL). Its directory is created root-only (0700). Recording "
-        "chunks go in files beside it, in <spool.path>.chunks/."),
+        "chunks of 64 KiB or more go in files beside it, in <spool.path>.chunks/."),
     Key("spool.max_bytes", 1 << 30,
         "Size cap of the spool, its chunk files included. Past it, events already delivered are pruned first; then on_full applies."),
     Key("spool.on_full", "drop_new",

@@ -30,6 +30,10 @@ SCHEMA_VERSION = 8
 # agent makes is) get one; any other chunk keeps its bytes in its row. (A set, not a regex: the
 # PAM hook imports this module on every PAM call, and `re` would cost it ~4 ms.)
 _FILE_SAFE = frozenset("0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ-")
+# ...and only chunks this big: a streaming session's batches (recording.batch_bytes, 1 MiB),
+# which SQLite would write twice (WAL, then checkpoint). An interactive session's are a few
+# bytes every batch_ms, which a file each would cost an inode and a create and unlink each.
+CHUNK_FILE_MIN = 64 << 10
 # What `seq` and `prev_hash` add to a stored body, counted against the cap before they exist.
 _CHAIN_FIELDS_BYTES = 100
 SCHEMA = """
@@ -438,7 +442,8 @@ class Spool:
                              f"in {self.chunk_dir}: {e.strerror or e}") from None
 
     def _put_chunk(self, sid: str, seq: int, data: bytes, out_bytes: int) -> bool:
-        in_file = 0 < len(sid) <= 64 and _FILE_SAFE.issuperset(sid)
+        in_file = len(data) >= CHUNK_FILE_MIN and 0 < len(sid) <= 64 and \
+            _FILE_SAFE.issuperset(sid)
         with self._pruning_txn():
             # Recordings stop a tenth short of the cap: that room is for events, among them
             # the one saying how much output was dropped.

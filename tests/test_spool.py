@@ -10,7 +10,7 @@ import pytest
 
 from sshtrail import events
 from sshtrail import wire
-from sshtrail.spool import SCHEMA_VERSION, Spool, SpoolFull, SpoolError
+from sshtrail.spool import CHUNK_FILE_MIN, SCHEMA_VERSION, Spool, SpoolFull, SpoolError
 
 WRITER = r"""
 import sys
@@ -207,11 +207,14 @@ def frames_blob(text: bytes) -> bytes:
     return wire.pack_frames([(0.5, b"o", text), (0.75, b"o", b"\xff\x00 not UTF-8")])
 
 
+BIG = b"x" * CHUNK_FILE_MIN  # a streaming session's batch: in a file
+
+
 def test_chunk_bytes_go_in_a_file_of_their_own(tmp_path):
     s = spool(tmp_path)
     sid = "0000002a-1234-8abc-9def-0123456789ab"
     recording(s, sid)
-    blob = frames_blob(b"ls -l\r\n")
+    blob = frames_blob(b"ls -l\r\n" + BIG)
     assert s.put_chunk(sid, 1, blob, 20) and not s.put_chunk(sid, 1, blob, 20)  # a retry
     path = os.path.join(s.chunk_dir, f"{sid}.1")
     assert open(path, "rb").read() == blob and os.stat(path).st_mode & 0o777 == 0o600
@@ -226,6 +229,20 @@ def test_chunk_bytes_go_in_a_file_of_their_own(tmp_path):
     assert s.unsent_chunks() == [(sid, 1, None)]
     with pytest.raises(SpoolError, match=f"chunk 1's file {path} is gone"):
         list(s.frames(sid))
+
+
+def test_small_chunks_stay_in_their_rows(tmp_path):
+    # An interactive session's batches: a few bytes every batch_ms. A file each would be an
+    # inode, a create and an unlink per keystroke.
+    s = spool(tmp_path)
+    recording(s, "r1")
+    small, big = frames_blob(b"ls\r\n"), frames_blob(BIG)
+    assert s.put_chunk("r1", 1, small, 4) and s.put_chunk("r1", 2, big, len(BIG))
+    assert s.db.execute("SELECT seq, length(data), size FROM recording_chunks ORDER BY seq"
+                        ).fetchall() == [(1, len(small), None), (2, 0, len(big))]
+    assert os.listdir(s.chunk_dir) == ["r1.2"]
+    assert list(s.frames("r1")) == wire.unpack_frames(small) + wire.unpack_frames(big)
+    assert s.unsent_chunks() == [("r1", 1, small), ("r1", 2, big)]
 
 
 def test_cap_counts_chunk_files_and_pruning_deletes_them(tmp_path):
@@ -251,17 +268,17 @@ def test_chunk_file_that_cannot_be_written_stores_nothing_and_says_why(tmp_path)
     with open(s.chunk_dir, "w") as f:  # in the way of the directory, like a full disk would be
         f.write("x")
     with pytest.raises(SpoolError, match="cannot write recording chunk 1 of r1"):
-        s.put_chunk("r1", 1, b"data", 4)
+        s.put_chunk("r1", 1, BIG, 4)
     assert s.db.execute("SELECT count(*) FROM recording_chunks").fetchone()[0] == 0
     assert s.recording("r1")["stored_bytes"] == 0 and s._chunk_file_bytes() == 0
     os.unlink(s.chunk_dir)
-    assert s.put_chunk("r1", 1, b"data", 4)  # the wrapper's re-send, once there is room
+    assert s.put_chunk("r1", 1, BIG, 4)  # the wrapper's re-send, once there is room
 
 
 def test_agent_start_sweeps_chunk_files_without_a_row(tmp_path):
     s = spool(tmp_path)
     recording(s, "r1")
-    s.put_chunk("r1", 1, b"kept", 4)
+    s.put_chunk("r1", 1, BIG, 4)
     with open(os.path.join(s.chunk_dir, "r1.2"), "wb") as f:
         f.write(b"written by an agent killed before its row committed")
     assert s.sweep_chunk_files() == 1
@@ -283,7 +300,7 @@ def test_spool_of_version_7_keeps_chunks_in_their_rows(tmp_path):
     db.close()
     s = spool(tmp_path)
     assert s.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
-    new = frames_blob(b"new\r\n")
+    new = frames_blob(b"new\r\n" + BIG)
     s.put_chunk("r1", 2, new, 4)
     assert s.unsent_chunks() == [("r1", 1, blob), ("r1", 2, new)]
     assert list(s.frames("r1")) == wire.unpack_frames(blob) + wire.unpack_frames(new)
