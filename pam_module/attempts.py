@@ -30,8 +30,14 @@ def add(db, *, conn: str, login: str, service: str, stage: str, pid: int, addr: 
                (conn, login, service, stage, pid, addr, at, conn, stage, pid, at))
 
 
+# PAM calls are stamped from /proc/uptime (hook.call_time): to its hundredth of a second. Calls
+# of one login in the same hundredth are in order, and count as such.
+STAMP_RESOLUTION = 0.02
+
+
 def grant(db, conn: str, *, at: float) -> None:
-    db.execute("DELETE FROM pam_attempts WHERE conn = ? AND time <= ?", (conn, at))
+    db.execute("DELETE FROM pam_attempts WHERE conn = ? AND time <= ?",
+               (conn, at + STAMP_RESOLUTION))
     db.execute("DELETE FROM pam_granted WHERE time < ?", (at - MAX_AGE,))
     db.execute("INSERT INTO pam_granted (conn, time) VALUES (?, ?)", (conn, at))
 
@@ -71,7 +77,8 @@ def reap(spool, *, grace: float, now: float | None = None, skip: set[str] = froz
     with spool.transaction() as db:
         # Written after the grant that covers it (detached writers race): resolved, not refused.
         db.execute("DELETE FROM pam_attempts WHERE EXISTS (SELECT 1 FROM pam_granted g "
-                   "WHERE g.conn = pam_attempts.conn AND g.time >= pam_attempts.time)")
+                   "WHERE g.conn = pam_attempts.conn AND g.time + ? >= pam_attempts.time)",
+                   (STAMP_RESOLUTION,))
         rows = db.execute("SELECT id, conn, login, service, stage, pid, addr, time "
                           "FROM pam_attempts WHERE time <= ? ORDER BY id", (now - grace,)).fetchall()
     stale: dict[str, list] = {}

@@ -301,6 +301,19 @@ def _option(argv: list[str], name: str) -> str | None:
     return None
 
 
+def call_time(uptime: str | None, now: float) -> float:
+    """When PAM called: `uptime` is /proc/uptime as detach.sh read it then (fail-open), else now
+    (fail-closed: PAM is waiting for us)."""
+    if uptime is None:
+        return now
+    try:
+        ago = time.clock_gettime(time.CLOCK_BOOTTIME) - float(uptime)
+    except ValueError:
+        raise HookError(f"--called-at-uptime {uptime!r} is not a number of seconds") from None
+    # A negative or old value is not detach.sh's: our own clock then.
+    return now - ago if 0 <= ago < DEFAULT_TIMEOUT * 10 else now
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     now = time.time()
@@ -310,6 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         caller = _option(argv, "--caller")
         if caller is not None and not caller.isdigit():
             raise HookError(f"--caller {caller!r} is not a pid")
+        now = call_time(_option(argv, "--called-at-uptime"), now)
         call = PamCall(os.environ, int(caller) if caller else os.getppid(), now)
         from sshtrail import config
         cfg = config.load_cached(_option(argv, "--config"))

@@ -14,7 +14,7 @@ import time
 import pytest
 
 from pam_module import hook
-from sshtrail import config
+from sshtrail import config, events
 from sshtrail.spool import Spool
 
 KEY = "AAAAC3NzaC1lZDI1NTE5AAAAIBWY77vFY7wvig/UJUmQmmM/Fn+xEcLiccBiVRTg4XSS"
@@ -33,14 +33,14 @@ def cfg_path(tmp_path):
 
 
 def run_hook(cfg_path, pam_type, *, user="alice", env=None, timeout=20, fail_closed=False,
-             capture=True):
+             capture=True, extra=()):
     base = {"PAM_TYPE": pam_type, "PAM_USER": user, "PAM_SERVICE": "sshd", "PAM_TTY": "ssh",
             "PAM_RHOST": "127.0.0.1", "SSH_CONNECTION": "127.0.0.1 50500 127.0.0.1 22"}
     if pam_type in ("open_session", "close_session"):
         base["SSH_AUTH_INFO_0"] = f"publickey ssh-ed25519 {KEY}\n"
     base.update(env or {})
     base = {k: v for k, v in base.items() if v is not None}
-    argv = hook.command(sys.executable, cfg_path, fail_closed=fail_closed)
+    argv = hook.command(sys.executable, cfg_path, fail_closed=fail_closed) + list(extra)
     # capture=False: output to /dev/null, as pam_exec gives it; a captured pipe would keep us
     # waiting for the detached child too, which holds it until it is done.
     out = subprocess.PIPE if capture else subprocess.DEVNULL
@@ -274,3 +274,30 @@ def test_a_call_written_twice_is_kept_once(cfg_path):
             hook.record(cfg, call)
     assert [e["event"] for e in spooled(cfg_path)] == ["user.login", "session.start",
                                                        "session.end"]
+
+
+def test_a_call_is_stamped_when_pam_made_it_not_when_its_hook_ran(cfg_path):
+    # The detached hooks of one login start in any order on a busy host. Stamped when each ran,
+    # an account attempt written after the session that granted it looked later than the grant,
+    # and was reported as a refusal once its caller was gone. detach.sh reads the time first.
+    from pam_module import attempts
+    with open("/proc/uptime") as f:
+        up = float(f.read().split()[0])
+    t0 = time.time()
+    opened = run_hook(cfg_path, "open_session", fail_closed=True,
+                      extra=["--called-at-uptime", f"{up - 5:.2f}"])
+    assert opened.returncode == 0
+    # The account call came 10 ms before the session opened; its hook ran after it.
+    late = run_hook(cfg_path, "account", fail_closed=True,
+                    extra=["--called-at-uptime", f"{up - 5.01:.2f}"])
+    assert late.returncode == 0
+    (login,) = spooled(cfg_path, kind="user.login")
+    assert abs(events.parse_time(login["time"]) - (t0 - 5)) < 0.5
+    s = Spool.from_config(config.load(cfg_path))
+    try:
+        # Long after, its caller long gone: an attempt the grant does not cover is reported.
+        assert attempts.reap(s, grace=0, now=time.time() + attempts.MAX_AGE + 1) == []
+        assert s.db.execute("SELECT count(*) FROM pam_attempts").fetchone()[0] == 0
+    finally:
+        s.close()
+    assert [e["event"] for e in spooled(cfg_path)] == ["user.login", "session.start"]
