@@ -42,7 +42,7 @@ def grant(db, conn: str, *, at: float) -> None:
     db.execute("INSERT INTO pam_granted (conn, time) VALUES (?, ?)", (conn, at))
 
 
-# The detached, niced hook stamps an attempt when it runs, which on a busy host can be after
+# The detached, niced hook writes an attempt when it runs, which on a busy host can be after
 # sshd's log told the connection's end: such late attempts are resolved for this long after.
 LATE_WRITER_SLACK = 30.0
 

@@ -230,8 +230,8 @@ def record(cfg, call: PamCall, spool=None) -> None:
             spool.append(login, start, extra_sql=bookkeeping)
         elif call.type == "close_session":
             row = _wait_for_start(spool, call)
-            # Each call's time is taken when its detached child starts, and two children
-            # started a few ms apart may start in either order: an end never precedes its start.
+            # Each call's time is when PAM made it, to a hundredth of a second (detach.sh), or
+            # when a fail-closed hook ran: an end never precedes its start all the same.
             at = max(call.now, row[1]) if row else call.now
             end = events.new("session.end", at=at, uid=call.uid("session.end", at),
                              login=call.user,

@@ -174,10 +174,13 @@ class SessionServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             call = hook.PamCall.from_message(header)
         except hook.HookError as e:
             raise wire.ProtocolError(str(e)) from None
-        if not hasattr(self._local, "pam_spool"):
-            # synchronous FULL, as the hook's own: a login is evidence, not a terminal's output.
-            self._local.pam_spool = Spool.from_config(self.cfg)
-        hook.record(self.cfg, call, spool=self._local.pam_spool)
+        # Its own spool, synchronous FULL as the hook's: a login is evidence, not a terminal's
+        # output. (One call per connection, and a thread per connection: nothing to keep.)
+        spool = Spool.from_config(self.cfg)
+        try:
+            hook.record(self.cfg, call, spool=spool)
+        finally:
+            spool.close()
         return {"type": "ack", "seq": "pam"}
 
     def _hello(self, pid, uid, header):

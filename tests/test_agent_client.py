@@ -73,16 +73,16 @@ def test_a_busy_agent_socket_is_waited_for_not_taken_for_an_absent_agent(tmp_pat
     assert not AgentClient(path, hello, batch_s=1, batch_bytes=1 << 20,
                            buffer_bytes=1 << 20).connect(timeout=0.2)
 
+    accepted = []
+
     def accept_later():
         time.sleep(0.3)
-        while True:
-            conn, _ = srv.accept()
-            conn.settimeout(2)
-            msgs = wire.Reader().recv_from(conn) if len(fillers) == 0 else None
-            if msgs:
-                conn.sendall(wire.pack({"type": "welcome", "sid": "s1"}))
-                return conn
-            fillers.pop().close()
+        accepted.extend(srv.accept()[0] for _ in fillers)  # queued first, taken first
+        conn, _ = srv.accept()
+        accepted.append(conn)
+        conn.settimeout(2)
+        if wire.Reader().recv_from(conn):
+            conn.sendall(wire.pack({"type": "welcome", "sid": "s1"}))
 
     thread = threading.Thread(target=accept_later, daemon=True)
     thread.start()
@@ -90,4 +90,5 @@ def test_a_busy_agent_socket_is_waited_for_not_taken_for_an_absent_agent(tmp_pat
     assert client.connect(timeout=5.0), client.error
     assert client.sid == "s1"
     thread.join(5)
-    srv.close()
+    for c in accepted + fillers + [srv]:
+        c.close()
