@@ -9,6 +9,7 @@ in the end message. Runs as the user: it has nothing to hide and nothing to trus
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 # The C module, not socket.py: its enum wrappers cost ~5 ms of every session's start.
@@ -46,14 +47,22 @@ class AgentClient:
         self._pos = 0
         self._batch_data = 0  # bytes of terminal data in it
         self._due = 0.0  # when it must be sealed
-        self._frame_at = -1  # offset of its last frame's header, while that frame may grow
-        self._frame_t = 0.0
+        # The output frame that may still grow: its header's offset (-1: none), its length so
+        # far (its header holds its first read's length until it closes), and until when it takes
+        # more output.
+        self._frame_at = -1
+        self._frame_len = 0
+        self._frame_until = -math.inf
         self._seq = 0
         self._unacked: dict[int, tuple[bytes, int]] = {}  # seq -> (message, data bytes)
         self._unacked_bytes = 0
         self._sendq: list = []  # memoryviews of messages, the first maybe partly sent
         self._reader = wire.Reader()
         self._next_retry = 0.0
+        # When tick() has work: the pending batch is due, or a lost agent is to be tried again
+        # with something to deliver (monotonic seconds), else None. Kept up to date, so the
+        # relay's pass needs no call to learn its poll timeout.
+        self.wake_at: float | None = None
         self.dropped_bytes = 0
         self.out_bytes = 0
 
@@ -98,6 +107,7 @@ class AgentClient:
         self.sock = sock
         self._reader = reader
         self._sendq = [memoryview(self._unacked[s][0]) for s in sorted(self._unacked)]
+        self._rewake()
         return True
 
     def _broken(self) -> None:
@@ -107,50 +117,66 @@ class AgentClient:
         self.lost_agent = True
         self._sendq.clear()
         self._next_retry = time.monotonic() + RETRY_EVERY
+        self._rewake()
 
     def maybe_reconnect(self) -> None:
         if self.sock is None and time.monotonic() >= self._next_retry:
             self.connect(timeout=0.5)
+            self._rewake()
+
+    def _rewake(self) -> None:
+        wake = self._due if self._pos else None
+        if self.sock is None and (self._unacked or self._pos):
+            wake = self._next_retry if wake is None else min(wake, self._next_retry)
+        self.wake_at = wake
 
     # -- frames ------------------------------------------------------------------------------
 
-    def add(self, kind: bytes, data: bytes) -> None:
+    def add(self, kind: bytes, data: bytes, now: float | None = None) -> None:
+        """One frame of `data`, read at `now` (time.monotonic(); now if None). Output read
+        within COALESCE_S of an output frame's start joins it: the relay adds every read, and
+        this is its CPU per read, so a frame that grows only counts its length here and has it
+        written into its header when it closes (_close_frame)."""
         n = len(data)
         if kind == b"o":
             self.out_bytes += n
         if self._unacked_bytes + self._batch_data + n > self.buffer_bytes:
             self.dropped_bytes += n
             return
-        now = time.monotonic()
-        t = now - self.t0
+        if now is None:
+            now = time.monotonic()
         pos = self._pos
         if pos + FRAME.size + n > len(self._batch):
             self._batch += bytes(FRAME.size + n)
-        batch = self._batch
-        if not pos:
-            self._due = now + self.batch_s
-        if kind == b"o" and self._frame_at >= 0 and t - self._frame_t < COALESCE_S:
-            at = self._frame_at + wire.FRAME_LENGTH_AT
-            wire.FRAME_LENGTH.pack_into(batch, at, wire.FRAME_LENGTH.unpack_from(batch, at)[0] + n)
+        if kind == b"o" and now < self._frame_until:
+            self._frame_len += n
         else:
-            self._frame_at = pos if kind == b"o" else -1
-            self._frame_t = t
-            FRAME.pack_into(batch, pos, t, kind, n)
+            self._close_frame()
+            if not pos:
+                self._due = now + self.batch_s
+            FRAME.pack_into(self._batch, pos, now - self.t0, kind, n)
+            if kind == b"o":
+                self._frame_at, self._frame_len = pos, n
+                self._frame_until = now + COALESCE_S
             pos += FRAME.size
-        batch[pos:pos + n] = data
+        self._batch[pos:pos + n] = data
         self._pos = pos + n
         self._batch_data += n
         if self._pos >= self.batch_bytes:
             self.seal()
+        elif pos == FRAME.size:
+            self._rewake()  # this frame began the batch: it is due
+
+    def _close_frame(self) -> None:
+        if self._frame_at >= 0:
+            wire.FRAME_LENGTH.pack_into(self._batch, self._frame_at + wire.FRAME_LENGTH_AT,
+                                        self._frame_len)
+            self._frame_at = -1
+            self._frame_until = -math.inf
 
     def timeout(self) -> float | None:
-        """Seconds until the pending batch is due (for the relay's select), or None."""
-        waits = []
-        if self._pos:
-            waits.append(max(0.0, self._due - time.monotonic()))
-        if self.sock is None and (self._unacked or self._pos):
-            waits.append(max(0.0, self._next_retry - time.monotonic()))
-        return min(waits) if waits else None
+        """Seconds until tick() has work (for a select), or None."""
+        return None if self.wake_at is None else max(0.0, self.wake_at - time.monotonic())
 
     def tick(self) -> None:
         """Seal a due batch, retry a lost agent."""
@@ -162,14 +188,15 @@ class AgentClient:
     def seal(self) -> None:
         if not self._pos:
             return
+        self._close_frame()
         self._seq += 1
         msg = wire.pack({"type": "frames", "seq": self._seq}, memoryview(self._batch)[:self._pos])
         self._unacked[self._seq] = (msg, self._batch_data)
         self._unacked_bytes += self._batch_data
         self._pos = self._batch_data = 0
-        self._frame_at = -1
         if self.sock is not None:
             self._sendq.append(memoryview(msg))
+        self._rewake()
 
     # -- socket ------------------------------------------------------------------------------
 

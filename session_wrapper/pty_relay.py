@@ -17,6 +17,7 @@ import os
 import select
 import struct
 import termios
+import time
 import tty
 
 # The C module, not signal.py: its enum wrappers (enum itself) cost ~5 ms of every session's
@@ -54,45 +55,13 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[n:]
 
 
-def _read(fd: int, room: int) -> tuple[bytes, bool]:
-    """One read of what the pty has now (a pty hands out at most 4 KiB a read), and whether its
-    other side is gone. One read per wakeup: a second one mostly finds nothing, and a read that
-    fails with EAGAIN costs as much as one that works."""
-    try:
-        data = os.read(fd, min(room, CHUNK))
-    except BlockingIOError:
-        return b"", False
-    except OSError as e:
-        if e.errno != errno.EIO:  # EIO: every holder of the pty's other side is gone
-            raise
-        return b"", True
-    return data, not data
-
-
-class _Poll:
-    """select.poll with each fd's events set only when they change: the loop asks for the same
-    set nearly every pass, and a syscall per pass is what the relay costs."""
-
-    def __init__(self):
-        self._poll = select.poll()
-        self._events: dict[int, int] = {}
-
-    def want(self, fd: int, events: int) -> None:
-        if self._events.get(fd, 0) != events:
-            if events:
-                self._poll.register(fd, events)
-                self._events[fd] = events
-            else:
-                self._poll.unregister(fd)
-                del self._events[fd]
-
-    def forget(self, fd: int) -> None:
-        if fd in self._events:
-            self._poll.unregister(fd)
-            del self._events[fd]
-
-    def poll(self, timeout: float | None) -> dict[int, int]:
-        return dict(self._poll.poll(None if timeout is None else timeout * 1000))
+def _register(poller, fd: int, old: int, new: int) -> int:
+    """Change what fd is polled for from `old` to `new` events (0: not polled); returns new."""
+    if new:
+        poller.register(fd, new)  # registers, or modifies a registration
+    elif old:
+        poller.unregister(fd)
+    return new
 
 
 def relay(path: str, argv: list[str], env: dict, client, *, record_input: bool,
@@ -128,80 +97,118 @@ def relay(path: str, argv: list[str], env: dict, client, *, record_input: bool,
     out = bytearray()
     os.set_blocking(1, False)  # fd 0 shares it (sshd's pty): poll says when each may go
     IN, OUT = select.POLLIN, select.POLLOUT
-    poller = _Poll()
-    poller.want(sig_r, IN)
-    agent_fd = -1
+    poller = select.poll()
+    poller.register(sig_r, IN)
+    # What master, fd 0, fd 1 and the agent's socket are registered for (0: not at all). The
+    # loop costs CPU per pass, and a pass of streaming output, the pass that counts, is one
+    # poll, one read and one write; everything else is looked at only when it changed.
+    m_ev = in_ev = out_ev = a_ev = 0
+    agent_sock, agent_fd = None, -1
+    read, write, monotonic = os.read, os.write, time.monotonic
+    now = monotonic()
     try:
         while True:
-            reading_master = master_open and len(out) < OUT_CAP
-            poller.want(master, IN if reading_master else 0)
-            poller.want(0, IN if stdin_open else 0)
-            poller.want(1, OUT if out else 0)
-            if client.fileno() != agent_fd:  # connected, lost or reconnected
-                poller.forget(agent_fd)
-                agent_fd = client.fileno()
-            if agent_fd >= 0:
-                poller.want(agent_fd, IN | OUT if client.wants_write() else IN)
-            timeout = client.timeout()
+            ev = IN if master_open and len(out) < OUT_CAP else 0
+            if ev != m_ev:
+                m_ev = _register(poller, master, m_ev, ev)
+            ev = IN if stdin_open else 0
+            if ev != in_ev:
+                in_ev = _register(poller, 0, in_ev, ev)
+            ev = OUT if out else 0
+            if ev != out_ev:
+                out_ev = _register(poller, 1, out_ev, ev)
+            if client.sock is not agent_sock:  # connected, lost or reconnected
+                a_ev = _register(poller, agent_fd, a_ev, 0)
+                agent_sock = client.sock
+                agent_fd = agent_sock.fileno() if agent_sock is not None else -1
+            if agent_sock is not None:
+                ev = IN | OUT if client.wants_write() else IN
+                if ev != a_ev:
+                    a_ev = _register(poller, agent_fd, a_ev, ev)
+            wake = client.wake_at
+            timeout = None if wake is None else max(0.0, wake - now) * 1000
             if status is not None:  # only drain what the program left: do not wait for more
-                timeout = 0.05 if timeout is None else min(timeout, 0.05)
+                timeout = 50 if timeout is None else min(timeout, 50)
             try:
-                ready = poller.poll(timeout)
+                events = poller.poll(timeout)
             except InterruptedError:
                 continue
-            if sig_r in ready:
-                sigs = os.read(sig_r, 512)
+            now = monotonic()
+            r_master = r_stdin = r_out = r_sig = r_agent = 0
+            for fd, ev in events:
+                if fd == master:
+                    r_master = ev
+                elif fd == 1:
+                    r_out = ev
+                elif fd == 0:
+                    r_stdin = ev
+                elif fd == sig_r:
+                    r_sig = ev
+                elif fd == agent_fd:
+                    r_agent = ev
+            if r_sig:
+                sigs = read(sig_r, 512)
                 if bytes([signal.SIGWINCH]) in sigs:
                     cols, rows = get_winsize(0)
                     set_winsize(master, cols, rows)
-                    client.add(b"r", f"{cols}x{rows}".encode())
+                    client.add(b"r", f"{cols}x{rows}".encode(), now)
                 if status is None and bytes([signal.SIGCHLD]) in sigs:
                     done, st = os.waitpid(pid, os.WNOHANG)
                     if done:
                         status = st
-            if master in ready:
-                data, closed = _read(master, OUT_CAP - len(out))
+            if r_master:
+                # One read per wakeup: a second one mostly finds nothing, and a read that fails
+                # with EAGAIN costs as much as one that works.
+                try:
+                    data = read(master, min(OUT_CAP - len(out), CHUNK))
+                except BlockingIOError:
+                    data = None
+                except OSError as e:
+                    if e.errno != errno.EIO:  # EIO: every holder of the pty's other side is gone
+                        raise
+                    data = b""
                 if data:
-                    client.add(b"o", data)
+                    client.add(b"o", data, now)
                     if not out:
                         # Straight on to the terminal: waiting for poll to say fd 1 has room
                         # would cost a pass of the loop per read.
                         try:
-                            n = os.write(1, data)
+                            n = write(1, data)
                         except BlockingIOError:
                             n = 0
                         if n < len(data):
                             out += data[n:] if n else data
                     else:
                         out += data
-                if closed:
+                elif data is not None:
                     master_open = False
-            elif status is not None and reading_master:
+            elif status is not None and m_ev:
                 master_open = False  # the program is gone and nothing more waits on its pty
-            if out and 1 in ready:
+            if out and r_out:
                 try:
-                    del out[:os.write(1, out)]
+                    del out[:write(1, out)]
                 except BlockingIOError:
                     pass
             if not master_open and not out:
                 break
-            if 0 in ready:
+            if r_stdin:
                 try:
-                    data = os.read(0, CHUNK)
+                    data = read(0, CHUNK)
                 except BlockingIOError:
                     data = None
                 if data == b"":
                     stdin_open = False  # the client sent EOF; the program sees it as ^D would
                 elif data:
                     if record_input:
-                        client.add(b"i", data)
+                        client.add(b"i", data, now)
                     _write_all(master, data)  # non-blocking pty: waits for room, loses nothing
-            if agent_fd >= 0 and agent_fd in ready:
-                if ready[agent_fd] & OUT:
+            if r_agent:
+                if r_agent & OUT:
                     client.pump_write()
-                if client.sock is not None and ready[agent_fd] & ~OUT:
+                if client.sock is not None and r_agent & ~OUT:
                     client.pump_read()
-            client.tick()
+            if agent_sock is None or (client.wake_at is not None and now >= client.wake_at):
+                client.tick()
             if strict and client.lost_agent and client.sock is None and not hung_up:
                 hung_up = True
                 out += (b"\r\nsshtrail: the session recorder went away, and this account "

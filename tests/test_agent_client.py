@@ -92,3 +92,32 @@ def test_a_busy_agent_socket_is_waited_for_not_taken_for_an_absent_agent(tmp_pat
     thread.join(5)
     for c in accepted + fillers + [srv]:
         c.close()
+
+
+def test_output_read_within_the_window_joins_its_frame_and_a_batch_says_when_it_is_due(tmp_path):
+    # The relay adds every read (4 KiB on a pty); reads within COALESCE_S of an output frame's
+    # start join that frame, whose header gets its length only when it closes.
+    batches, thread = stand_in_agent(tmp_path / "agent.sock")
+    client = AgentClient(str(tmp_path / "agent.sock"), default_hello("interactive", "", 80, 24),
+                         batch_s=0.05, batch_bytes=1 << 20, buffer_bytes=1 << 20)
+    assert client.connect()
+    t0 = client.t0
+    assert client.wake_at is None  # nothing pending: the relay may sleep as long as it likes
+    client.add(b"o", b"ab", t0 + 1.000)
+    assert client.wake_at == t0 + 1.000 + 0.05  # the batch is due batch_s after it began
+    client.add(b"o", b"cd", t0 + 1.009)  # within COALESCE_S (10 ms) of the frame's start
+    client.add(b"r", b"100x30", t0 + 1.0095)  # closes the output frame
+    client.add(b"o", b"ef", t0 + 1.011)
+    client.add(b"i", b"q", t0 + 1.012)
+    client.add(b"o", b"gh", t0 + 1.022)
+    client.add(b"o", b"ij", t0 + 1.031)
+    client.add(b"o", b"kl", t0 + 1.033)  # past the window of the frame before
+    client.add(b"o", b"mn", t0 + 1.034)  # still open when the batch is sealed
+    assert client.wake_at == t0 + 1.05  # later frames do not move the batch's due time
+    client.seal()
+    assert client.wake_at is None
+    assert client.finish({"exit_status": 0}, timeout=10.0)
+    thread.join(10)
+    frames = [(round(t, 4), kind, data) for b in batches for t, kind, data in wire.unpack_frames(b)]
+    assert frames == [(1.0, b"o", b"abcd"), (1.0095, b"r", b"100x30"), (1.011, b"o", b"ef"),
+                      (1.012, b"i", b"q"), (1.022, b"o", b"ghij"), (1.033, b"o", b"klmn")]
