@@ -25,6 +25,7 @@ import sqlite3
 import threading
 from contextlib import contextmanager
 
+from sshtrail import wal
 from sshtrail.chain import GENESIS
 from sshtrail.events import EventError, parse_time
 
@@ -473,7 +474,7 @@ class SqliteStore(Store):
             # Takes effect only on a new file, and only before it is in WAL mode. 16 KiB pages
             # ingest about a third faster than 4 KiB with our six event indexes.
             c.execute(f"PRAGMA page_size={PAGE_SIZE}")
-            mode = c.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            mode = wal.turn_on(c, BUSY_TIMEOUT_S)
             if mode.lower() != "wal":
                 raise StoreError(f"SQLite store {self.path}: cannot use WAL mode (got {mode}); "
                                  "put the file on a local filesystem")

@@ -21,7 +21,7 @@ import sqlite3
 import time
 from contextlib import contextmanager
 
-from . import events
+from . import events, wal
 from .chain import GENESIS, link_hash
 from .errors import SshtrailError
 
@@ -149,7 +149,7 @@ class Spool:
                 except FileExistsError:
                     pass  # another writer made it first
             db = sqlite3.connect(self.path, timeout=busy_timeout, isolation_level=None)
-            db.execute("PRAGMA journal_mode=WAL")
+            wal.turn_on(db, busy_timeout)
             db.execute(f"PRAGMA synchronous={'NORMAL' if synchronous == 'NORMAL' else 'FULL'}")
             if db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:
                 _migrate(db)
