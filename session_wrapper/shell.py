@@ -106,9 +106,7 @@ def main(argv: list[str] | None = None) -> None:
         # Without config we cannot know the policy: refuse rather than run unrecorded.
         print(f"sshtrail: session refused, the recorder's config is broken: {e}", file=sys.stderr)
         sys.exit(1)
-    for name in unsafe_env.NAMES:
-        if os.environ.get(name) == "":  # blanked by sshd for us (SetEnv): not the user's
-            del os.environ[name]
+    unsafe_env.remove_ours(os.environ)
     pw = pwd.getpwuid(os.getuid())
     shell = pw.pw_shell or "/bin/sh"
     original = os.environ.pop("SSH_ORIGINAL_COMMAND", None)

@@ -3,11 +3,12 @@ fix it. Read-only: it looks, it never repairs. Part of the command layer (it may
 ebpf component, to try loading the tracer the way the agent would).
 
 The checks, in order: the PAM hooks (and that the programs they run exist), sshd's effective
-config (`sshd -T`: ForceCommand into the wrapper, LogLevel, UsePAM), sshd's log for the agent,
-the spool (writable, and what waits in it), the agent's socket, BPF, and the link to the
-collector: enrollment files, the host certificate's validity and expiry, and the collector
-reached over mutual TLS with that certificate (GET /healthz). Network checks are bounded by
-a few seconds each.
+config (`sshd -T`: ForceCommand into the wrapper and the environment sshd sets for it,
+LogLevel, UsePAM), login shells that would run the user's files before the wrapper, sshd's log
+for the agent, the spool (writable, and what waits in it), the agent's socket, BPF, and the
+link to the collector: enrollment files, the host certificate's validity and expiry, and the
+collector reached over mutual TLS with that certificate (GET /healthz). Network checks are
+bounded by a few seconds each.
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from . import unsafe_env
 
 # A host certificate closer than this to its end is reported, so it is renewed in time.
 CERT_RENEW_BEFORE = 14 * 86400
@@ -39,7 +42,10 @@ class Check:
 
 def run_checks(cfg, *, pam_service: str, sshd_config: str, sshd_binary: str,
                bpf: bool = True) -> list[Check]:
-    checks = [_pam(pam_service), *_sshd(sshd_config, sshd_binary), _sshd_log(cfg)]
+    checks = [_pam(pam_service), *_sshd(sshd_config, sshd_binary)]
+    if any(c.name == "session wrapper" and c.ok for c in checks):
+        checks.append(_login_shells())
+    checks.append(_sshd_log(cfg))
     spool_check, backlog = _spool(cfg)
     checks += [spool_check, _agent(cfg)]
     if bpf:
@@ -115,6 +121,8 @@ def _sshd(config: str, binary: str) -> list[Check]:
         out.append(Check("session wrapper", "session_wrapper/shell.py" in fc,
                          f"ForceCommand in effect: {fc}",
                          "run `sshtrail install` (without --no-wrapper) and reload sshd"))
+    if "session_wrapper/shell.py" in fc:
+        out.append(_wrapper_environment(proc.stdout))
     level = eff.get("loglevel", "").upper()
     out.append(Check("sshd log level", level in ("VERBOSE", "DEBUG", "DEBUG1", "DEBUG2", "DEBUG3"),
                      f"LogLevel {level}: refused keys are logged from VERBOSE up",
@@ -122,6 +130,51 @@ def _sshd(config: str, binary: str) -> list[Check]:
     out.append(Check("UsePAM", eff.get("usepam") == "yes", f"UsePAM {eff.get('usepam')}",
                      "set `UsePAM yes` in sshd_config: the login trail comes through PAM"))
     return out
+
+
+def _wrapper_environment(effective: str) -> Check:
+    # `sshd -T` prints one line per SetEnv variable.
+    have = {line.split(" ", 1)[1] for line in effective.splitlines()
+            if line.lower().startswith("setenv ")}
+    missing = [v for v in unsafe_env.sshd_setenv().split() if v not in have]
+    if missing:
+        return Check("wrapper environment", False,
+                     f"sshd does not set {' '.join(missing)}: the user's environment or shell "
+                     "startup files could run their code before or inside the session wrapper",
+                     "run `sshtrail install` again (an upgrade leaves sshd_config as it was) "
+                     "and reload sshd")
+    return Check("wrapper environment", True, "sshd sets what keeps the user's code out of the "
+                 f"wrapper's start ({len(have)} variables)")
+
+
+# sshd runs the ForceCommand through the login shell (`shell -c wrapper`). These run no file of
+# the user's for that (bash and zsh once sshd sets unsafe_env.SHELL_SETTINGS), or never start a
+# session at all; these others run one before the wrapper, outside the recording, whatever the
+# environment says. Any shell in neither list is named too: sshtrail cannot vouch for it.
+SAFE_SHELLS = {"bash", "rbash", "sh", "dash", "zsh", "ksh", "ksh93", "mksh", "nologin", "false",
+               "true", "sync", "halt", "shutdown", "git-shell"}
+USER_FILES_FIRST = {"csh": "~/.cshrc", "tcsh": "~/.tcshrc", "fish": "~/.config/fish/config.fish",
+                    "tmux": "~/.tmux.conf"}
+
+
+def _login_shells() -> Check:
+    import pwd
+    found = []
+    for p in pwd.getpwall():
+        shell = os.path.basename(p.pw_shell)
+        if shell in USER_FILES_FIRST:
+            found.append(f"{p.pw_name} ({shell} reads {USER_FILES_FIRST[shell]})")
+        elif shell and shell not in SAFE_SHELLS:
+            found.append(f"{p.pw_name} ({p.pw_shell}: not a shell sshtrail knows)")
+    if not found:
+        return Check("login shells", True, "no account's login shell runs startup files of the "
+                     "user's before the session wrapper")
+    more = f" and {len(found) - 10} more" if len(found) > 10 else ""
+    return Check("login shells", False,
+                 f"{len(found)} account(s) have a login shell that may run the user's own "
+                 f"startup file before the session wrapper, where it can keep the session from "
+                 f"being recorded: {', '.join(sorted(found)[:10])}{more}",
+                 "give them bash, zsh or sh as login shell (chsh -s /bin/bash USER)")
 
 
 def _sshd_log(cfg) -> Check:

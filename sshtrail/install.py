@@ -285,9 +285,10 @@ def wanted_sshd_lines(effective: Mapping[str, str],
             raise InstallError("sshd_config has SetEnv of its own; sshtrail needs its own SetEnv "
                                "(blanking LD_PRELOAD and friends for the session wrapper). Move "
                                "those variables elsewhere, then install again.")
-        lines.append(("SetEnv " + " ".join(f"{n}=" for n in unsafe_env.NAMES),
+        lines.append(("SetEnv " + unsafe_env.sshd_setenv(),
                       "blank what would run the user's code inside the session wrapper "
-                      "(LD_PRELOAD and friends from ~/.pam_environment)"))
+                      "(LD_PRELOAD and friends from ~/.pam_environment), and keep the "
+                      "user's shell from running their startup files before it"))
     return lines
 
 

@@ -11,8 +11,9 @@ import pytest
 
 pytestmark = pytest.mark.integration
 
-CHECKS = ("PAM hook", "session wrapper", "sshd log level", "UsePAM", "sshd log", "spool",
-          "agent", "eBPF host events", "certificate", "collector")
+CHECKS = ("PAM hook", "session wrapper", "wrapper environment", "sshd log level", "UsePAM",
+          "login shells", "sshd log", "spool", "agent", "eBPF host events", "certificate",
+          "collector")
 
 
 def doctor(trail, *extra):
@@ -150,3 +151,24 @@ def test_bpf_unavailable_is_named(trail_factory):
     assert r.returncode == 1
     assert re.search(r"^FAIL  eBPF host events: BCC's Python bindings are missing.*\n"
                      r"      fix: apt install python3-bpfcc", r.stdout, re.M)
+
+
+def test_a_login_shell_that_runs_the_users_files_before_the_wrapper_is_named(trail_factory):
+    # tcsh reads ~/.tcshrc for `tcsh -c wrapper` whatever the environment says: that user's
+    # sessions could be kept from being recorded. (The shell need not be installed to be named.)
+    t = trail_factory()
+    user = t.lab.add_user("csh", shell="/usr/bin/tcsh")
+    r = doctor(t, "--no-bpf")
+    assert re.search(rf"^FAIL  login shells: 1 account\(s\) .*: {user.login} \(tcsh reads "
+                     r"~/\.tcshrc\)\n      fix: give them bash, zsh or sh", r.stdout, re.M), r.stdout
+
+
+def test_an_install_from_before_the_shell_settings_is_named(trail_factory):
+    # An upgrade leaves sshd_config as it was: a block written before SHLVL and ZDOTDIR were
+    # set lets bash and zsh read the user's startup files before the wrapper.
+    t = trail_factory()
+    cfg = t.lab.sshd_config
+    cfg.write_text(cfg.read_text().replace(" SHLVL=1 ZDOTDIR=/nonexistent", ""))
+    r = doctor(t, "--no-bpf")
+    assert re.search(r"^FAIL  wrapper environment: sshd does not set SHLVL=1 ZDOTDIR=/nonexistent: "
+                     r".*\n      fix: run `sshtrail install` again", r.stdout, re.M), r.stdout

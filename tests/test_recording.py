@@ -273,6 +273,34 @@ def test_user_environment_and_rc_cannot_run_code_around_the_wrapper(trail):
     assert ev["command"].startswith("echo in")
 
 
+@pytest.mark.parametrize("shell,startup_file,execution_string", [
+    ("/bin/bash", ".bashrc", "BASH_EXECUTION_STRING"),
+    ("/usr/bin/zsh", ".zshenv", "ZSH_EXECUTION_STRING"),
+])
+def test_shell_startup_files_cannot_run_before_the_wrapper(trail, shell, startup_file,
+                                                           execution_string):
+    # sshd runs the ForceCommand as `shell -c wrapper`. Debian's bash reads ~/.bashrc for that
+    # (SSH_SOURCE_BASHRC), zsh reads ~/.zshenv for every shell: an `exec` there, when the
+    # command is the wrapper, would be a session never recorded. ~/.pam_environment tries to
+    # undo sshd's settings that prevent it.
+    lab = trail.lab
+    user = lab.add_user("rc", shell=shell)
+    (user.home / startup_file).write_text(
+        f'case "${execution_string}" in *session_wrapper*) '
+        'echo ESCAPED; exec /bin/sh -c "echo unrecorded";; esac\n')
+    (user.home / ".pam_environment").write_text(f"SHLVL DEFAULT=0\nZDOTDIR DEFAULT={user.home}\n")
+    r = lab.ssh(user, "echo in; echo ${SHLVL-unset} ${ZDOTDIR-unset}")
+    assert r.returncode == 0, r.stderr
+    # The startup file ran, but inside the wrapper (for `shell -c command`, as without
+    # sshtrail); the environment the user's program sees has none of sshd's settings.
+    assert r.stdout == b"in\n1 unset\n", r.stdout
+    (ev,) = trail.wait_for(lambda e: len(e) >= 1, type="exec", user=user.login, what="exec")
+    assert ev["command"].startswith("echo in")
+    r = lab.ssh(user, "echo tty-in", tty=True)
+    assert b"tty-in" in r.stdout and b"ESCAPED" not in r.stdout, r.stdout
+    recording_of(trail, user)
+
+
 def test_a_full_spool_drops_output_not_events_and_says_so(trail_factory):
     # A user printing without end must not push undelivered events out of the spool.
     t = trail_factory(settings="[spool]\nmax_bytes = 2000000\n")
