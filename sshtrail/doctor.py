@@ -141,8 +141,8 @@ def _wrapper_environment(effective: str) -> Check:
         return Check("wrapper environment", False,
                      f"sshd does not set {' '.join(missing)}: the user's environment or shell "
                      "startup files could run their code before or inside the session wrapper",
-                     "run `sshtrail install` again (an upgrade leaves sshd_config as it was) "
-                     "and reload sshd")
+                     "run `sshtrail install` again and reload sshd (the packages do it on "
+                     "upgrade; an install from a checkout needs it by hand)")
     return Check("wrapper environment", True, "sshd sets what keeps the user's code out of the "
                  f"wrapper's start ({len(have)} variables)")
 

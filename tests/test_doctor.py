@@ -164,8 +164,8 @@ def test_a_login_shell_that_runs_the_users_files_before_the_wrapper_is_named(tra
 
 
 def test_an_install_from_before_the_shell_settings_is_named(trail_factory):
-    # An upgrade leaves sshd_config as it was: a block written before SHLVL and ZDOTDIR were
-    # set lets bash and zsh read the user's startup files before the wrapper.
+    # A block written before SHLVL and ZDOTDIR were set (by an older version, not upgraded
+    # through the packages) lets bash and zsh read the user's startup files before the wrapper.
     t = trail_factory()
     cfg = t.lab.sshd_config
     cfg.write_text(cfg.read_text().replace(" SHLVL=1 ZDOTDIR=/nonexistent", ""))

@@ -5,7 +5,8 @@
   resolves every Depends from deb.debian.org, nothing comes from PyPI). There: installing changes
   no PAM or sshd file; `sshtrail install`; an sshd on a loopback port; a real login with the
   host's ssh client; the events in the spool; `sshtrail doctor`; the collector package run as
-  its own user; an upgrade keeps config, spool and hooks, and a session running across it; then
+  its own user; an upgrade keeps config, spool and hooks (brought up to date), and a session
+  running across it; then
   `apt purge` leaves /etc/pam.d and /etc/ssh byte for byte as before, and a session running
   across the purge goes on. Then the documented switch: /etc/sshtrail/auto-install hooks sshd
   at package install, and `apt remove` takes it out again.
@@ -558,8 +559,13 @@ def test_deb_in_fresh_debian(debian: Host, packages):
         coll.wait(20)
 
     # 6. Upgrade (a reinstall runs the same scripts): config, spool and hooks stay, and a
-    #    session running across it goes on.
+    #    session running across it goes on. The hooks are brought up to this version's: here
+    #    sshd_config holds the block of a version before sshd set SHLVL and ZDOTDIR.
     n_before = len(h.events())
+    sshd_config = root / "etc/ssh/sshd_config"
+    older = sshd_config.read_text().replace(" SHLVL=1 ZDOTDIR=/nonexistent", "")
+    assert older != sshd_config.read_text()
+    sshd_config.write_text(older)
     running = subprocess.Popen(h.ssh_argv("sleep 4; echo survived-upgrade"), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     time.sleep(1.0)

@@ -9,6 +9,11 @@ Installed as /usr/lib/sshtrail/maint.py and run as `PYTHON -I maint.py ACTION`:
   auto-install  on a first install only, and only if the operator asked for it beforehand with
                 /etc/sshtrail/auto-install (its words, if any, are passed to `sshtrail install`,
                 e.g. `--no-wrapper`): hook sshd, then reload it.
+  rehook        on an upgrade: bring the blocks of the recorded install up to what this version
+                writes (`sshtrail install` again, with the arguments its install record
+                holds), and reload sshd if sshd_config changed: a fix in the blocks (say, in
+                what sshd sets for the wrapper) reaches the host with the package. Files whose
+                block was taken out by hand are left alone; a failure is said, never fatal.
   compile       byte-compile the private library tree (the package ships no .pyc).
   clean         remove what `compile` and Python made (__pycache__), before the files go.
 
@@ -171,6 +176,39 @@ def auto_install() -> int:
     return 0
 
 
+def rehook() -> int:
+    from sshtrail import install
+    state_dir = _config()["install.state_dir"]
+    try:
+        with open(os.path.join(state_dir, "install.json")) as f:
+            state = json.load(f)
+        if not state.get("installed"):
+            return 0
+        pam = state["files"]["pam"]["path"]
+        sshd_config = state["files"]["sshd_config"]["path"]
+        args = dict(hook_argv=[str(a) for a in state["hook_argv"]],
+                    fail_closed=bool(state["fail_closed"]),
+                    force_command=[str(a) for a in state.get("force_command") or []] or None,
+                    sshd_binary=state.get("sshd_binary") or SSHD)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return 0  # never installed, or no record of how: nothing to bring up to date
+    if not _has_block(pam) or (state.get("sshd_lines") and not _has_block(sshd_config)):
+        say(f"sshtrail's hooks are not all in {pam} and {sshd_config}: left as they are")
+        return 0
+    try:
+        report = install.install(pam_file=pam, sshd_config=sshd_config, state_dir=state_dir,
+                                 log=say, **args)
+    except install.InstallError as e:
+        say(f"cannot bring sshtrail's hooks up to date: {e}\nRun `sshtrail install` again by "
+            f"hand (`sshtrail doctor` says what is missing).")
+        return 0
+    if any(f.status == "changed" for f in report.files):
+        print(report, file=sys.stderr)
+    if any(f.status == "changed" and str(f.path) == sshd_config for f in report.files):
+        reload_sshd()
+    return 0
+
+
 def compile_tree() -> int:
     import compileall
     for sub in ("lib", "collector-lib"):
@@ -190,7 +228,8 @@ def clean(sub: str | None = None) -> int:
 
 
 def main(argv: list[str]) -> int:
-    actions = {"unhook": unhook, "auto-install": auto_install, "compile": compile_tree,
+    actions = {"unhook": unhook, "auto-install": auto_install, "rehook": rehook,
+               "compile": compile_tree,
                "reload-sshd": lambda: reload_sshd() or 0,
                "clean": lambda: clean(argv[2] if len(argv) > 2 else None)}
     if len(argv) < 2 or argv[1] not in actions:
