@@ -2,8 +2,9 @@
 
 It hosts the sshd-log watcher (refusals into `user.login` failures, and the reaping of PAM
 attempts nothing else explained), the session socket where wrappers deliver recordings
-(sshtrail.session_server), and the eBPF tracer that follows each recorded session's processes
-(sshtrail.host_events), and the uploader that ships the spool to the collector
+(sshtrail.session_server), the eBPF tracer that follows each recorded session's processes
+(sshtrail.host_events), the look for processes in SSH sessions that no wrapper started
+(sshtrail.unrecorded), and the uploader that ships the spool to the collector
 (sshtrail.uploader). Logs go to stderr (journald picks them up); it stops
 cleanly on SIGTERM/SIGINT after writing what it has read.
 
@@ -23,10 +24,13 @@ import time
 from pam_module import attempts, sshd_log
 from sshtrail import events, host_events, session_server
 from sshtrail.spool import Spool
+from sshtrail.unrecorded import UnrecordedWatch
 
 log = logging.getLogger("sshtrail.agent")
 _POSITION_KEY = "sshd_log.position"
 REAP_EVERY = 5.0
+UNRECORDED_FIRST_LOOK = 3.0  # seconds after the start
+UNRECORDED_EVERY = 5.0  # a look reads /proc/*/stat: about 20 µs per process on the host
 # A refusal of one attempt resolves one pending PAM attempt; these end the whole connection.
 _PER_ATTEMPT = {"bad_password", "bad_key", "bad_credentials"}
 
@@ -134,6 +138,10 @@ def run(cfg, stop: threading.Event | None = None) -> int:
         log.error("uploads are off: %s; events stay in the spool until it is installed", e)
     else:
         upload_thread = uploader.start(cfg, upload_stop)
+    unrecorded = UnrecordedWatch(cfg["recording.unrecorded_grace"])
+    # The first look waits for wrappers that lost the agent to come back (they retry every
+    # second): until they do, they are not known as wrappers.
+    next_look = time.monotonic() + UNRECORDED_FIRST_LOOK
     try:
         while not stop.is_set():
             try:
@@ -142,6 +150,14 @@ def run(cfg, stop: threading.Event | None = None) -> int:
             except Exception as e:  # noqa: BLE001 - a bad pass must not end the agent
                 log.error("log watcher pass failed: %s; retrying", e)
                 stop.wait(1.0)
+            if time.monotonic() >= next_look:
+                next_look = time.monotonic() + UNRECORDED_EVERY
+                try:
+                    for ev in unrecorded.scan(spool):
+                        log.warning("%s", ev["reason"])
+                        spool.append(ev)
+                except Exception as e:  # noqa: BLE001 - as above
+                    log.error("looking for unrecorded processes failed: %s", e)
         watcher.step(final=True)  # what was already in the log, and what the tracker held
     finally:
         # uploader: finish the request in flight (a killed one is re-sent after its lease)

@@ -78,6 +78,9 @@ DEFAULTS: tuple[Key, ...] = (
     Key("recording.buffer_bytes", 64 << 20,
         "What a wrapper holds for an agent that is slow or away; past it, output is dropped from "
         "the recording (never from the terminal) and the loss is reported with its size."),
+    Key("recording.unrecorded_grace", 5.0,
+        "Seconds a process may run in an SSH session outside the session wrapper before the "
+        "agent reports it (a login's own helpers are gone by then)."),
     Key("ebpf.enabled", True,
         "Capture each recorded session's execs, file opens and connects with BPF (BCC). Where "
         "BPF cannot run, the agent says why (agent.ebpf_unavailable) and goes on without."),

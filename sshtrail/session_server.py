@@ -26,7 +26,6 @@ from . import events, procfs, sessionid, wire
 from .spool import Spool, SpoolError
 
 log = logging.getLogger("sshtrail.agent.sessions")
-_SSHD_NAMES = ("sshd", "sshd-session")
 
 
 class PeerRefused(Exception):
@@ -39,13 +38,6 @@ def _ppid(pid: int) -> int:
     return int(stat[stat.rindex(b")") + 2:].split()[1])
 
 
-def _is_sshd(pid: int) -> bool:
-    try:
-        return os.path.basename(os.readlink(f"/proc/{pid}/exe")) in _SSHD_NAMES
-    except OSError:
-        return False
-
-
 def sshd_monitor_of(pid: int) -> int:
     """The root sshd process serving the connection a wrapper belongs to."""
     try:
@@ -53,7 +45,7 @@ def sshd_monitor_of(pid: int) -> int:
         monitor = _ppid(parent)
     except (OSError, ValueError):
         raise PeerRefused(f"process {pid} vanished") from None
-    if not (_is_sshd(parent) and _is_sshd(monitor)):
+    if not (procfs.is_sshd(parent) and procfs.is_sshd(monitor)):
         raise PeerRefused(f"process {pid} was not started by sshd (parent {parent}, {monitor})")
     return monitor
 

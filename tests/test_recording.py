@@ -301,6 +301,38 @@ def test_shell_startup_files_cannot_run_before_the_wrapper(trail, shell, startup
     recording_of(trail, user)
 
 
+def test_a_process_the_login_shell_ran_outside_the_wrapper_is_reported(trail_factory):
+    # csh, fish or a shell sshtrail does not know may run the user's files for `shell -c
+    # wrapper` and never start the wrapper: here, a login shell that ignores its command and
+    # runs a program of its own. A recorded session and `ssh -N`, at the same time, are not
+    # reported.
+    t = trail_factory(settings="[recording]\nunrecorded_grace = 1.0\n")
+    lab = t.lab
+    user, other = lab.add_user("esc"), lab.add_user("ok")
+    shell = user.home / "shell"
+    shell.write_text("#!/bin/sh\nexec sleep 8\n")
+    shell.chmod(0o755)
+    subprocess.run(["usermod", "--shell", str(shell), user.login], check=True)
+    argv, env = lab.ssh_argv(other, None, extra_opts=["-N"])
+    forwarding = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.DEVNULL)
+    recorded = subprocess.Popen(lab.ssh_argv(other, "sleep 7")[0], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert lab.ssh(user, "echo anything", timeout=30).returncode == 0
+    finally:
+        forwarding.terminate()
+        recorded.wait(30)
+        forwarding.wait(30)
+    (ev,) = t.wait_for(lambda e: len(e) >= 1, type="session.recording_failed",
+                       user=user.login, what="the unrecorded process reported")
+    assert ev["command"] == "sleep 8" and "outside the session wrapper" in ev["reason"]
+    (start,) = t.events(type="session.start", user=user.login)
+    assert ev["sid"] == start["sid"]
+    assert t.events(type="session.recording_failed", user=other.login) == []
+    assert len(t.events(type="session.start", user=other.login)) == 2
+
+
 def test_a_full_spool_drops_output_not_events_and_says_so(trail_factory):
     # A user printing without end must not push undelivered events out of the spool.
     t = trail_factory(settings="[spool]\nmax_bytes = 2000000\n")
