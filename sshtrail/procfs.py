@@ -15,25 +15,32 @@ def boot_id() -> str:
         return f.read().strip()
 
 
-def start_time(pid: int) -> int:
-    """The process's start time in clock ticks since boot (/proc/PID/stat field 22)."""
+def _stat(pid: int) -> list[bytes]:
+    """/proc/PID/stat from field 3 (state) on: [0] state, [1] parent pid, [19] start time."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             stat = f.read()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):
         raise ProcessGone(f"process {pid} is gone") from None
     # comm (field 2) may hold spaces and parentheses: split after the last ')'.
-    return int(stat[stat.rindex(b")") + 2:].split()[19])
+    return stat[stat.rindex(b")") + 2:].split()
+
+
+def start_time(pid: int) -> int:
+    """The process's start time in clock ticks since boot (/proc/PID/stat field 22)."""
+    return int(_stat(pid)[19])
+
+
+def parent(pid: int) -> int:
+    return int(_stat(pid)[1])
 
 
 def alive(pid: int) -> bool:
     """Running (a zombie, dead but not yet reaped by its parent, is not)."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except (FileNotFoundError, ProcessLookupError):
+        return _stat(pid)[0] != b"Z"
+    except ProcessGone:
         return False
-    return stat[stat.rindex(b")") + 2:stat.rindex(b")") + 3] != b"Z"
 
 
 def is_sshd(pid: int) -> bool:
@@ -48,13 +55,10 @@ def table() -> dict[int, tuple[int, int]]:
     """pid -> (parent pid, start time in clock ticks since boot), for every process now."""
     found = {}
     for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue  # gone meanwhile
-        fields = stat[stat.rindex(b")") + 2:].split()  # comm may hold ')' and spaces
-        found[int(name)] = (int(fields[1]), int(fields[19]))
+        if name.isdigit():
+            try:
+                fields = _stat(int(name))
+            except OSError:
+                continue  # gone meanwhile
+            found[int(name)] = (int(fields[1]), int(fields[19]))
     return found

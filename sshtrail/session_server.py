@@ -32,17 +32,11 @@ class PeerRefused(Exception):
     pass
 
 
-def _ppid(pid: int) -> int:
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        stat = f.read()
-    return int(stat[stat.rindex(b")") + 2:].split()[1])
-
-
 def sshd_monitor_of(pid: int) -> int:
     """The root sshd process serving the connection a wrapper belongs to."""
     try:
-        parent = _ppid(pid)
-        monitor = _ppid(parent)
+        parent = procfs.parent(pid)
+        monitor = procfs.parent(parent)
     except (OSError, ValueError):
         raise PeerRefused(f"process {pid} vanished") from None
     if not (procfs.is_sshd(parent) and procfs.is_sshd(monitor)):

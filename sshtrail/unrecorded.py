@@ -15,15 +15,11 @@ from __future__ import annotations
 
 import os
 import pwd
+import time
 
 from . import events, procfs
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def _uptime_ticks() -> float:
-    with open("/proc/uptime") as f:
-        return float(f.read().split()[0]) * CLK_TCK
 
 
 def _describe(pid: int) -> str:
@@ -54,7 +50,7 @@ class UnrecordedWatch:
         children: dict[int, list[int]] = {}
         for pid, (ppid, _) in table.items():
             children.setdefault(ppid, []).append(pid)
-        now = _uptime_ticks()
+        now = time.clock_gettime(time.CLOCK_BOOTTIME) * CLK_TCK  # what start times count
         found = []
         for monitor, sid, login in sessions:
             if monitor not in table or not procfs.is_sshd(monitor):
