@@ -57,20 +57,6 @@ def command_line(shell: str, original: str | None) -> tuple[str, list[str]]:
     return shell, [os.path.basename(shell), "-c", original]
 
 
-def _strict(cfg, login: str) -> bool:
-    if cfg["recording.mode"] == "strict" or login in cfg["recording.strict_users"]:
-        return True
-    if cfg["recording.strict_groups"]:
-        import grp
-        names = {g.gr_name for g in grp.getgrall() if login in g.gr_mem}
-        try:
-            names.add(grp.getgrgid(os.getgid()).gr_name)
-        except KeyError:
-            pass
-        return bool(names & set(cfg["recording.strict_groups"]))
-    return False
-
-
 def _report(message: str) -> None:
     import syslog
     syslog.openlog("sshtrail-shell", syslog.LOG_PID, syslog.LOG_AUTHPRIV)
@@ -112,7 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     original = os.environ.pop("SSH_ORIGINAL_COMMAND", None)
     interactive = os.isatty(0)
     path, args = command_line(shell, original)
-    strict = _strict(cfg, pw.pw_name)
+    strict = cfg.strict_for(pw.pw_name, os.getgid())
 
     from session_wrapper.pty_relay import get_winsize
     cols, rows = get_winsize(0) if interactive else (0, 0)

@@ -22,7 +22,7 @@ import threading
 import time
 
 from pam_module import attempts, sshd_log
-from sshtrail import events, host_events, session_server
+from sshtrail import config, events, host_events, session_server
 from sshtrail.spool import Spool
 from sshtrail.unrecorded import UnrecordedWatch
 
@@ -101,6 +101,21 @@ class LogWatcher:
         return written
 
 
+def _strict_policy(cfg):
+    """strict_for(login, gid) by the config as it is now, as each wrapper reads it when its
+    session starts: what the agent ends for escaping the recording must be what the wrapper
+    would have refused. Read only when something escaped."""
+    def strict_for(login: str, gid: int) -> bool:
+        current = cfg
+        if cfg.source:
+            try:
+                current = config.load(cfg.source, use_env=False)
+            except config.ConfigError as e:
+                log.error("%s; deciding by the config the agent started with", e)
+        return current.strict_for(login, gid)
+    return strict_for
+
+
 def run(cfg, stop: threading.Event | None = None) -> int:
     """Run until SIGTERM/SIGINT (or `stop` is set). Returns the exit status."""
     stop = stop or threading.Event()
@@ -138,7 +153,7 @@ def run(cfg, stop: threading.Event | None = None) -> int:
         log.error("uploads are off: %s; events stay in the spool until it is installed", e)
     else:
         upload_thread = uploader.start(cfg, upload_stop)
-    unrecorded = UnrecordedWatch(cfg["recording.unrecorded_grace"])
+    unrecorded = UnrecordedWatch(cfg["recording.unrecorded_grace"], _strict_policy(cfg))
     # The first look waits for wrappers that lost the agent to come back (they retry every
     # second): until they do, they are not known as wrappers.
     next_look = time.monotonic() + UNRECORDED_FIRST_LOOK

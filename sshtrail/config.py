@@ -64,7 +64,8 @@ DEFAULTS: tuple[Key, ...] = (
     Key("recording.mode", "best_effort",
         "When the agent cannot take a recording: best_effort lets the session go on and says so "
         "loudly (syslog, then a session.recording_failed event); strict refuses the session, or "
-        "ends it if the agent goes away.", ("best_effort", "strict")),
+        "ends it if the agent goes away or a program in it runs outside the recording.",
+        ("best_effort", "strict")),
     Key("recording.strict_users", [], "Logins always recorded in strict mode, whatever recording.mode says."),
     Key("recording.strict_groups", [], "Members of these groups are always recorded in strict mode."),
     Key("recording.input", False,
@@ -80,7 +81,8 @@ DEFAULTS: tuple[Key, ...] = (
         "the recording (never from the terminal) and the loss is reported with its size."),
     Key("recording.unrecorded_grace", 5.0,
         "Seconds a process may run in an SSH session outside the session wrapper before the "
-        "agent reports it (a login's own helpers are gone by then)."),
+        "agent reports it, and ends it for strict accounts (a login's own helpers are gone by "
+        "then)."),
     Key("ebpf.enabled", True,
         "Capture each recorded session's execs, file opens and connects with BPF (BCC). Where "
         "BPF cannot run, the agent says why (agent.ebpf_unavailable) and goes on without."),
@@ -181,6 +183,22 @@ class Config:
     @property
     def server_hostname(self) -> str:
         return self["server_hostname"] or os.uname().nodename
+
+    def strict_for(self, login: str, gid: int) -> bool:
+        """Must this login's sessions be recorded (recording.mode, strict_users, strict_groups)?
+        `gid`: the login's primary group. The wrapper asks for its own session, the agent for
+        one whose process escaped the wrapper."""
+        if self["recording.mode"] == "strict" or login in self["recording.strict_users"]:
+            return True
+        if self["recording.strict_groups"]:
+            import grp  # only here: the wrapper's start pays for nothing it does not use
+            names = {g.gr_name for g in grp.getgrall() if login in g.gr_mem}
+            try:
+                names.add(grp.getgrgid(gid).gr_name)
+            except KeyError:
+                pass
+            return bool(names & set(self["recording.strict_groups"]))
+        return False
 
 
 def parse(text: str, source: str = "<config>") -> Config:

@@ -43,6 +43,19 @@ def alive(pid: int) -> bool:
         return False
 
 
+def real_uid(pid: int) -> int:
+    """Who the process runs as: its real uid. The owner of /proc/PID is the effective uid (root
+    in a setuid program), and files under it belong to root once a process is non-dumpable."""
+    try:
+        with open(f"/proc/{pid}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"Uid:"):
+                    return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    raise ProcessGone(f"process {pid} is gone")
+
+
 def is_sshd(pid: int) -> bool:
     """The process runs sshd's program: the kernel's word (/proc/PID/exe), not its name."""
     try:

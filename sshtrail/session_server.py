@@ -32,16 +32,31 @@ class PeerRefused(Exception):
     pass
 
 
-def sshd_monitor_of(pid: int) -> int:
-    """The root sshd process serving the connection a wrapper belongs to."""
+def sshd_monitor_of(pid: int, uid: int) -> int:
+    """The root sshd process serving the connection a wrapper belongs to. sshd starts the
+    wrapper through the user's login shell: bash, zsh and dash exec it, so its parent is sshd;
+    tcsh and fish fork it, so its parent is that shell, itself sshd's child. Nothing else
+    between them is taken: a program inside a session has the wrapper or its shell above it."""
     try:
         parent = procfs.parent(pid)
+        if not procfs.is_sshd(parent) and _runs_login_shell(parent, uid):
+            parent = procfs.parent(parent)
         monitor = procfs.parent(parent)
     except (OSError, ValueError):
         raise PeerRefused(f"process {pid} vanished") from None
     if not (procfs.is_sshd(parent) and procfs.is_sshd(monitor)):
         raise PeerRefused(f"process {pid} was not started by sshd (parent {parent}, {monitor})")
     return monitor
+
+
+def _runs_login_shell(pid: int, uid: int) -> bool:
+    """The process runs as `uid` and its program is that user's login shell (the kernel's
+    word, /proc/PID/exe)."""
+    try:
+        shell = os.path.realpath(pwd.getpwuid(uid).pw_shell)
+        return procfs.real_uid(pid) == uid and os.readlink(f"/proc/{pid}/exe") == shell
+    except (OSError, KeyError):
+        return False
 
 
 class _Handler(socketserver.BaseRequestHandler):
@@ -170,7 +185,7 @@ class SessionServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         return {"type": "ack", "seq": "pam"}
 
     def _hello(self, pid, uid, header):
-        monitor = sshd_monitor_of(pid)
+        monitor = sshd_monitor_of(pid, uid)
         started = procfs.start_time(pid)
         login = pwd.getpwuid(uid).pw_name
         resume = header.get("resume")

@@ -9,17 +9,29 @@ a process there that runs as the session's user, is neither sshd nor under a liv
 wrapper, and has lived longer than `grace` is reported once, as session.recording_failed naming
 it. `ssh -N` has no such process; a login's own helpers (pam_exec, motd) run as root or are gone
 by then. What lives shorter than a look misses it: the eBPF tracer is what sees every exec.
-Nothing here trusts a process's name: a wrapper is a pid the agent got from SO_PEERCRED.
+Nothing here trusts a process's name: a wrapper is a pid the agent got from SO_PEERCRED. The
+processes between sshd and a live wrapper are the shell that started it (tcsh and fish fork for
+`-c`, bash execs): not reported themselves, but their other children are.
+
+For a login whose sessions must be recorded (recording.mode strict, strict_users, strict_groups)
+the agent also ends what it found (`end_tree`): it stops the process and all it started, tells
+the session why on the process's stderr, and kills them. That ends the session when the process
+is its shell, the usual escape.
 """
 from __future__ import annotations
 
 import os
 import pwd
+import signal
+import stat
 import time
 
 from . import events, procfs
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+SYS_PIDFD_GETFD = 438  # the same on every architecture (Linux 5.6)
+ENDED_MESSAGE = ("sshtrail: process {pid} ({command}) ran in this session outside the session "
+                 "recorder, and this account may not work unrecorded: ending it.")
 
 
 def _describe(pid: int) -> str:
@@ -32,8 +44,10 @@ def _describe(pid: int) -> str:
 
 
 class UnrecordedWatch:
-    def __init__(self, grace: float):
+    def __init__(self, grace: float, strict_for=None):
+        """`strict_for(login, gid)`: must that login be recorded (then what escapes is ended)."""
         self.grace = grace
+        self.strict_for = strict_for
         self._reported: set[tuple[int, int]] = set()  # (pid, start time): once per process
 
     def scan(self, spool) -> list[dict]:
@@ -47,16 +61,20 @@ class UnrecordedWatch:
             "SELECT wrapper_pid FROM recordings WHERE ended IS NULL")}
         table = procfs.table()
         self._reported = {k for k in self._reported if table.get(k[0], (0, None))[1] == k[1]}
-        children: dict[int, list[int]] = {}
-        for pid, (ppid, _) in table.items():
-            children.setdefault(ppid, []).append(pid)
+        children = _children(table)
+        starters = set()  # between a session's sshd and a live wrapper
+        for pid in wrappers & table.keys():
+            pid = table[pid][0]
+            while pid in table and pid not in starters and not procfs.is_sshd(pid):
+                starters.add(pid)
+                pid = table[pid][0]
         now = time.clock_gettime(time.CLOCK_BOOTTIME) * CLK_TCK  # what start times count
         found = []
         for monitor, sid, login in sessions:
             if monitor not in table or not procfs.is_sshd(monitor):
                 continue  # the session is over (its close may not have been written yet)
             try:
-                uid = pwd.getpwnam(login).pw_uid
+                pw = pwd.getpwnam(login)
             except KeyError:
                 continue
             stack = list(children.get(monitor, ()))
@@ -64,22 +82,121 @@ class UnrecordedWatch:
                 pid = stack.pop()
                 if pid in wrappers:
                     continue  # recorded, with all it starts
-                if procfs.is_sshd(pid):
+                if pid in starters or procfs.is_sshd(pid):
                     stack.extend(children.get(pid, ()))
                     continue
                 start = table[pid][1]
                 try:
-                    owner = os.stat(f"/proc/{pid}").st_uid
+                    owner = procfs.real_uid(pid)
                 except OSError:
                     continue
-                if (owner != uid or (now - start) / CLK_TCK < self.grace
+                if (owner != pw.pw_uid or (now - start) / CLK_TCK < self.grace
                         or (pid, start) in self._reported):
                     continue
                 self._reported.add((pid, start))
                 command = _describe(pid)
-                found.append(events.new(
-                    "session.recording_failed", sid=sid, login=login, pid=pid, command=command,
-                    reason=f"process {pid} ({command}) runs in this SSH session outside the "
-                           "session wrapper, unrecorded: the login shell may have started it "
-                           "from a startup file before the ForceCommand (see `sshtrail doctor`)"))
+                reason = (f"process {pid} ({command}) runs in this SSH session outside the "
+                          "session wrapper, unrecorded: the login shell may have started it "
+                          "from a startup file before the ForceCommand (see `sshtrail doctor`)")
+                extra = {}
+                if self.strict_for is not None and self.strict_for(login, pw.pw_gid):
+                    why_not = end_tree(pid, start, ENDED_MESSAGE.format(pid=pid, command=command))
+                    extra["ended"] = why_not is None
+                    reason += ("; this account must be recorded: it was ended, with all it "
+                               f"started" if why_not is None else
+                               f"; this account must be recorded, but it could not be ended: "
+                               f"{why_not}")
+                found.append(events.new("session.recording_failed", sid=sid, login=login,
+                                        pid=pid, command=command, reason=reason, **extra))
         return found
+
+
+def _children(table: dict) -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in table.items():
+        children.setdefault(ppid, []).append(pid)
+    return children
+
+
+def _tree(table: dict, root: int) -> list[int]:
+    children = _children(table)
+    found, stack = [], [root]
+    while stack:
+        pid = stack.pop()
+        found.append(pid)
+        stack.extend(children.get(pid, ()))
+    return found
+
+
+def end_tree(root: int, start: int, message: str) -> str | None:
+    """Stop `root` (started at `start`, clock ticks) and everything under it, write `message`
+    to its stderr, kill them all. None when done, else why not. Every signal goes through a
+    pidfd checked against the start time: a pid reused meanwhile is never hit."""
+    pidfds: dict[int, int] = {}
+    try:
+        # Stopped top down, in passes: a stopped process forks no more, and what forked
+        # before it was stopped shows up in the next pass.
+        for _ in range(10):
+            table = procfs.table()
+            if root not in table or table[root][1] != start:
+                if not pidfds:
+                    return "it ended first"
+                break  # gone meanwhile: what it started, stopped so far, still goes
+            new = [p for p in _tree(table, root) if p not in pidfds]
+            if not new:
+                break
+            for pid in new:
+                try:
+                    fd = os.pidfd_open(pid)
+                except OSError:
+                    continue  # gone: nothing to end
+                try:
+                    same = procfs.start_time(pid) == table[pid][1]  # not a pid reused since
+                except procfs.ProcessGone:
+                    same = False
+                if same:
+                    pidfds[pid] = fd
+                    signal.pidfd_send_signal(fd, signal.SIGSTOP)
+                else:
+                    os.close(fd)
+        if root in pidfds:
+            _tell(pidfds[root], message)
+        for fd in pidfds.values():
+            try:
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        return None
+    except OSError as e:
+        for fd in pidfds.values():  # whatever was stopped must not stay stopped
+            try:
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+            except OSError:
+                pass
+        return f"{e.strerror or e}"
+    finally:
+        for fd in pidfds.values():
+            os.close(fd)
+
+
+def _tell(pidfd: int, message: str) -> None:
+    """Write to the process's own stderr, taken with pidfd_getfd: the very open file it holds,
+    with its access mode, so root writes nothing there that the user could not (a path under
+    /proc/PID/fd would reopen the file as root). Only to a terminal, pipe or socket (never into
+    a file), and without waiting: the agent must not hang on a full pipe."""
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = libc.syscall(SYS_PIDFD_GETFD, pidfd, 2, 0)
+    if fd < 0:
+        return
+    try:
+        mode = os.fstat(fd).st_mode
+        tty = stat.S_ISCHR(mode) and os.isatty(fd)
+        if tty or stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode):
+            os.set_blocking(fd, False)  # shared with the process, which is stopped, then killed
+            eol = "\r\n" if tty else "\n"  # a raw terminal moves down without going left
+            os.write(fd, (eol + message + eol).encode())
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from sshtrail import asciicast
+from sshtrail import asciicast, procfs
 from terminal import PROMPT, Terminal, shell_user
 from ttyrun import run_on_a_tty
 
@@ -305,10 +305,11 @@ def test_a_process_the_login_shell_ran_outside_the_wrapper_is_reported(trail_fac
     # csh, fish or a shell sshtrail does not know may run the user's files for `shell -c
     # wrapper` and never start the wrapper: here, a login shell that ignores its command and
     # runs a program of its own. A recorded session and `ssh -N`, at the same time, are not
-    # reported.
+    # reported; nor is the tcsh that started the recorded one's wrapper (tcsh forks for -c),
+    # whose session is recorded.
     t = trail_factory(settings="[recording]\nunrecorded_grace = 1.0\n")
     lab = t.lab
-    user, other = lab.add_user("esc"), lab.add_user("ok")
+    user, other = lab.add_user("esc"), lab.add_user("ok", shell="/usr/bin/tcsh")
     shell = user.home / "shell"
     shell.write_text("#!/bin/sh\nexec sleep 8\n")
     shell.chmod(0o755)
@@ -331,6 +332,38 @@ def test_a_process_the_login_shell_ran_outside_the_wrapper_is_reported(trail_fac
     assert ev["sid"] == start["sid"]
     assert t.events(type="session.recording_failed", user=other.login) == []
     assert len(t.events(type="session.start", user=other.login)) == 2
+    (recorded,) = t.wait_for(lambda e: len(e) >= 1, type="exec", user=other.login,
+                             what="the tcsh user's command recorded")
+    assert recorded["command"] == "sleep 7" and recorded["exit_status"] == 0
+    assert "ended" not in ev  # best_effort: reported, left running
+
+
+@pytest.mark.parametrize("tty", [False, True], ids=["command", "tty"])
+def test_what_escapes_a_strict_accounts_recording_is_ended_with_a_message(trail_factory, tty):
+    # tcsh reads ~/.tcshrc for `tcsh -c wrapper` whatever sshd's environment says; here it
+    # never lets the wrapper start. The account must be recorded: the agent ends the program,
+    # and with it the session, and says why on the session's stderr. A recorded session of
+    # another tcsh user, open meanwhile, goes on untouched.
+    t = trail_factory(settings='[recording]\nunrecorded_grace = 1.0\nmode = "strict"\n')
+    lab = t.lab
+    user, other = lab.add_user("esc", shell="/usr/bin/tcsh"), lab.add_user("ok", shell="/usr/bin/tcsh")
+    (user.home / ".tcshrc").write_text("exec sleep 120\n")
+    argv, env = lab.ssh_argv(other, "sleep 9; echo still-here")
+    recorded = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    started = time.monotonic()
+    r = lab.ssh(user, "echo anything", tty=tty, timeout=60)
+    took = time.monotonic() - started
+    out, _ = recorded.communicate(timeout=30)
+    assert recorded.returncode == 0 and out == b"still-here\n"
+    assert took < 30, f"the escaped program ran {took:.0f}s"  # it would sleep 120 s
+    assert r.returncode != 0
+    shown = r.stdout if tty else r.stderr  # a terminal has one stream
+    assert b"outside the session recorder, and this account may not work unrecorded" in shown, shown
+    (ev,) = t.wait_for(lambda e: len(e) >= 1, type="session.recording_failed",
+                       user=user.login, what="the escape reported")
+    assert ev["command"] == "sleep 120" and ev["ended"] is True and "it was ended" in ev["reason"]
+    assert not procfs.alive(ev["pid"])
+    assert t.events(type="session.recording_failed", user=other.login) == []
 
 
 def test_a_full_spool_drops_output_not_events_and_says_so(trail_factory):
