@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from at_once import run_at_once
 from sshtrail import events
 from sshtrail import wire
 from sshtrail.spool import CHUNK_FILE_MIN, SCHEMA_VERSION, Spool, SpoolFull, SpoolError
@@ -63,29 +64,8 @@ def test_a_new_spools_first_writers_all_get_in(tmp_path):
     # round in five lost a writer.
     for round_ in range(30):
         path = tmp_path / f"r{round_}" / "spool.db"
-        start = time.monotonic() + 0.05
-        children = []
-        for i in range(8):
-            r, w = os.pipe()
-            pid = os.fork()
-            if pid == 0:  # pragma: no cover (a child: it reports through the pipe)
-                try:
-                    os.close(r)
-                    while time.monotonic() < start:
-                        pass
-                    Spool(path, server_id="h", server_hostname="h").append(login(f"w{i}"))
-                    os.write(w, b"ok")
-                except BaseException as e:
-                    os.write(w, repr(e).encode())
-                finally:
-                    os._exit(0)
-            os.close(w)
-            children.append((pid, r))
-        said = []
-        for pid, r in children:
-            os.waitpid(pid, 0)
-            said.append(os.read(r, 4096).decode())
-            os.close(r)
+        said = run_at_once(8, lambda i: Spool(path, server_id="h", server_hostname="h")
+                           .append(login(f"w{i}")))
         assert said == ["ok"] * 8, f"round {round_}: {said}"
         assert sorted(ev["login"] for ev in Spool(path).query()) == [f"w{i}" for i in range(8)]
 
