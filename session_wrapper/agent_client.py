@@ -97,6 +97,7 @@ class AgentClient:
             header, _ = msgs[0]
             if header["type"] != "welcome":
                 self.refused = str(header.get("reason", header["type"]))
+                self.buffer_bytes = 0  # nothing will take it: every frame is dropped, counted
                 sock.close()
                 return False
         except (OSError, wire.ProtocolError) as e:
@@ -120,13 +121,14 @@ class AgentClient:
         self._rewake()
 
     def maybe_reconnect(self) -> None:
-        if self.sock is None and time.monotonic() >= self._next_retry:
+        # Not after a refusal: the agent decided from who we are, which does not change.
+        if self.sock is None and self.refused is None and time.monotonic() >= self._next_retry:
             self.connect(timeout=0.5)
             self._rewake()
 
     def _rewake(self) -> None:
         wake = self._due if self._pos else None
-        if self.sock is None and (self._unacked or self._pos):
+        if self.sock is None and self.refused is None and (self._unacked or self._pos):
             wake = self._next_retry if wake is None else min(wake, self._next_retry)
         self.wake_at = wake
 
@@ -241,6 +243,8 @@ class AgentClient:
     def finish(self, end: dict, timeout: float) -> bool:
         """Deliver everything and the end message, waiting at most `timeout` (blocking: the
         session is over). True if the agent confirmed all of it."""
+        if self.refused is not None:
+            return False
         self.seal()
         deadline = time.monotonic() + timeout
         end = dict(end, dropped_bytes=self.dropped_bytes, bytes_out=end.get("bytes_out", self.out_bytes))

@@ -110,13 +110,22 @@ def main(argv: list[str] | None = None) -> None:
     if not client.connect():
         why = client.refused or client.error
         if strict:
-            print(f"sshtrail: this session must be recorded, and the recorder is not available "
-                  f"({why}). Try again later, or ask your administrator.", file=sys.stderr)
+            if client.refused:
+                print(f"sshtrail: this session must be recorded, and the recorder refused it: "
+                      f"{why}.", file=sys.stderr)
+            else:
+                print(f"sshtrail: this session must be recorded, and the recorder is not "
+                      f"available ({why}). Try again later, or ask your administrator.",
+                      file=sys.stderr)
             _report(f"refused session of {pw.pw_name}: recorder unavailable ({why})")
             sys.exit(1)
-        _report(f"session of {pw.pw_name} NOT RECORDED so far: recorder unavailable ({why}); "
-                "retrying during the session")
-        client.hello = dict(hello, late=why)
+        if client.refused:
+            # The agent reports the session itself: its look finds this process unrecorded.
+            _report(f"session of {pw.pw_name} NOT RECORDED: the recorder refused it ({why})")
+        else:
+            _report(f"session of {pw.pw_name} NOT RECORDED so far: recorder unavailable "
+                    f"({why}); retrying during the session")
+            client.hello = dict(hello, late=why)
 
     if interactive:
         from session_wrapper.pty_relay import relay

@@ -103,8 +103,8 @@ class LogWatcher:
 
 def _strict_policy(cfg):
     """strict_for(login, gid) by the config as it is now, as each wrapper reads it when its
-    session starts: what the agent ends for escaping the recording must be what the wrapper
-    would have refused. Read only when something escaped."""
+    session starts: what the agent refuses or ends must be what the wrapper would refuse. Read
+    only for a wrapper its login shell started, or for what escaped the recording."""
     def strict_for(login: str, gid: int) -> bool:
         current = cfg
         if cfg.source:
@@ -135,7 +135,8 @@ def run(cfg, stop: threading.Event | None = None) -> int:
                    "users never reach PAM and are not recorded until it does; set sshd_log.path")
         log.warning(message)
     hosts = host_events.HostEvents(cfg)
-    sessions = session_server.serve(cfg, on_session=hosts.track)
+    strict_for = _strict_policy(cfg)
+    sessions = session_server.serve(cfg, on_session=hosts.track, strict_for=strict_for)
     # agent.start says we are up with all we have: BCC takes seconds to compile the probes.
     # (Sessions starting meanwhile are recorded, and followed once the tracer is loaded.)
     hosts.ready.wait(60)
@@ -153,7 +154,7 @@ def run(cfg, stop: threading.Event | None = None) -> int:
         log.error("uploads are off: %s; events stay in the spool until it is installed", e)
     else:
         upload_thread = uploader.start(cfg, upload_stop)
-    unrecorded = UnrecordedWatch(cfg["recording.unrecorded_grace"], _strict_policy(cfg))
+    unrecorded = UnrecordedWatch(cfg["recording.unrecorded_grace"], strict_for)
     # The first look waits for wrappers that lost the agent to come back (they retry every
     # second): until they do, they are not known as wrappers.
     next_look = time.monotonic() + UNRECORDED_FIRST_LOOK

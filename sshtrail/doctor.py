@@ -173,7 +173,8 @@ def _login_shells() -> Check:
     return Check("login shells", False,
                  f"{len(found)} account(s) have a login shell that may run the user's own "
                  f"startup file before the session wrapper, where it can keep the session from "
-                 f"being recorded: {', '.join(sorted(found)[:10])}{more}",
+                 f"being recorded (the agent reports what runs outside the wrapper, and refuses "
+                 f"strict accounts with such a shell): {', '.join(sorted(found)[:10])}{more}",
                  "give them bash, zsh or sh as login shell (chsh -s /bin/bash USER)")
 
 

@@ -32,21 +32,24 @@ class PeerRefused(Exception):
     pass
 
 
-def sshd_monitor_of(pid: int, uid: int) -> int:
-    """The root sshd process serving the connection a wrapper belongs to. sshd starts the
-    wrapper through the user's login shell: bash, zsh and dash exec it, so its parent is sshd;
-    tcsh and fish fork it, so its parent is that shell, itself sshd's child. Nothing else
-    between them is taken: a program inside a session has the wrapper or its shell above it."""
+def sshd_monitor_of(pid: int, uid: int) -> tuple[int, str | None]:
+    """The root sshd process serving the connection a wrapper belongs to, and the login shell
+    between them if there is one. sshd starts the wrapper through the user's login shell: bash,
+    zsh and dash exec it, so its parent is sshd; tcsh and fish fork it, so its parent is that
+    shell, itself sshd's child. Nothing else between them is taken: a program inside a session
+    has the wrapper or its shell above it."""
+    shell = None
     try:
         parent = procfs.parent(pid)
         if not procfs.is_sshd(parent) and _runs_login_shell(parent, uid):
+            shell = os.readlink(f"/proc/{parent}/exe")
             parent = procfs.parent(parent)
         monitor = procfs.parent(parent)
     except (OSError, ValueError):
         raise PeerRefused(f"process {pid} vanished") from None
     if not (procfs.is_sshd(parent) and procfs.is_sshd(monitor)):
         raise PeerRefused(f"process {pid} was not started by sshd (parent {parent}, {monitor})")
-    return monitor
+    return monitor, shell
 
 
 def _runs_login_shell(pid: int, uid: int) -> bool:
@@ -105,9 +108,10 @@ class SessionServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     # logins find it full, and a unix socket refuses (EAGAIN) rather than queue the connect.
     request_queue_size = 256
 
-    def __init__(self, cfg, on_session=None):
+    def __init__(self, cfg, on_session=None, strict_for=None):
         self.cfg = cfg
         self.on_session = on_session
+        self.strict_for = strict_for or cfg.strict_for  # (login, gid) -> must be recorded
         self.stopping = threading.Event()
         self._local = threading.local()
         path = cfg["agent.socket"]
@@ -185,9 +189,16 @@ class SessionServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         return {"type": "ack", "seq": "pam"}
 
     def _hello(self, pid, uid, header):
-        monitor = sshd_monitor_of(pid, uid)
+        monitor, shell = sshd_monitor_of(pid, uid)
         started = procfs.start_time(pid)
-        login = pwd.getpwuid(uid).pw_name
+        pw = pwd.getpwuid(uid)
+        login = pw.pw_name
+        if shell and self.strict_for(login, pw.pw_gid):
+            # Such a shell ran the user's own startup file before this process, which may be
+            # anything posing as the wrapper: a session that must be recorded cannot rest on it.
+            raise PeerRefused(f"the login shell {shell} runs the user's own startup files "
+                              "before the session recorder, and this account must be recorded: "
+                              "its administrator can give it bash, zsh or sh")
         resume = header.get("resume")
         if resume:
             row = self.spool.recording(resume)
@@ -272,9 +283,10 @@ def _int(value, default: int) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else default
 
 
-def serve(cfg, on_session=None) -> SessionServer:
+def serve(cfg, on_session=None, strict_for=None) -> SessionServer:
     """Start the server on a thread of its own; stop() it when done. `on_session(pid, sid,
-    login)` is told of every new session's wrapper (the host-event tracer follows it)."""
-    server = SessionServer(cfg, on_session)
+    login)` is told of every new session's wrapper (the host-event tracer follows it);
+    `strict_for(login, gid)` says who must be recorded (default: by `cfg`)."""
+    server = SessionServer(cfg, on_session, strict_for)
     threading.Thread(target=server.serve_forever, name="sessions", daemon=True).start()
     return server

@@ -121,3 +121,39 @@ def test_output_read_within_the_window_joins_its_frame_and_a_batch_says_when_it_
     frames = [(round(t, 4), kind, data) for b in batches for t, kind, data in wire.unpack_frames(b)]
     assert frames == [(1.0, b"o", b"abcd"), (1.0095, b"r", b"100x30"), (1.011, b"o", b"ef"),
                       (1.012, b"i", b"q"), (1.022, b"o", b"ghij"), (1.033, b"o", b"klmn")]
+
+
+def test_a_refused_wrapper_neither_asks_again_nor_holds_output(tmp_path):
+    # The agent refuses from the wrapper's kernel credentials, which do not change: asking
+    # again every second would only fill its log, and output held for it would never go.
+    path = str(tmp_path / "agent.sock")
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(path)
+    srv.listen(8)
+    hellos = []
+
+    def refuse():
+        with srv:
+            srv.settimeout(3.0)
+            try:
+                while True:
+                    conn, _ = srv.accept()
+                    with conn:
+                        hellos.extend(wire.Reader().recv_from(conn) or [])
+                        conn.sendall(wire.pack({"type": "refused", "reason": "not started by sshd"}))
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=refuse, daemon=True)
+    thread.start()
+    client = AgentClient(path, default_hello("interactive", "", 80, 24), batch_s=0.01,
+                         batch_bytes=1 << 20, buffer_bytes=1 << 20)
+    assert not client.connect() and client.refused == "not started by sshd"
+    client.add(b"o", b"output nobody will take")
+    assert client.wake_at is None  # no batch, no retry: the relay sleeps until it has work
+    client._next_retry = 0.0
+    client.tick()
+    assert client.sock is None and client.dropped_bytes == len(b"output nobody will take")
+    assert not client.finish({"exit_status": 0}, timeout=1.0)
+    thread.join(5)
+    assert len(hellos) == 1

@@ -343,10 +343,10 @@ def test_what_escapes_a_strict_accounts_recording_is_ended_with_a_message(trail_
     # tcsh reads ~/.tcshrc for `tcsh -c wrapper` whatever sshd's environment says; here it
     # never lets the wrapper start. The account must be recorded: the agent ends the program,
     # and with it the session, and says why on the session's stderr. A recorded session of
-    # another tcsh user, open meanwhile, goes on untouched.
+    # another user, open meanwhile, goes on untouched.
     t = trail_factory(settings='[recording]\nunrecorded_grace = 1.0\nmode = "strict"\n')
     lab = t.lab
-    user, other = lab.add_user("esc", shell="/usr/bin/tcsh"), lab.add_user("ok", shell="/usr/bin/tcsh")
+    user, other = lab.add_user("esc", shell="/usr/bin/tcsh"), lab.add_user("ok")
     (user.home / ".tcshrc").write_text("exec sleep 120\n")
     argv, env = lab.ssh_argv(other, "sleep 9; echo still-here")
     recorded = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -364,6 +364,20 @@ def test_what_escapes_a_strict_accounts_recording_is_ended_with_a_message(trail_
     assert ev["command"] == "sleep 120" and ev["ended"] is True and "it was ended" in ev["reason"]
     assert not procfs.alive(ev["pid"])
     assert t.events(type="session.recording_failed", user=other.login) == []
+
+
+def test_a_strict_account_whose_shell_reads_its_files_first_is_refused(trail_factory):
+    # What tcsh starts after ~/.tcshrc may pose as the wrapper: for an account that must be
+    # recorded, the agent does not take a wrapper a tcsh started, and says why. The same
+    # account in best_effort is recorded (test above).
+    t = trail_factory(settings='[recording]\nmode = "strict"\n')
+    user = t.lab.add_user("csh", shell="/usr/bin/tcsh")
+    r = t.lab.ssh(user, "echo ran")
+    assert r.returncode == 1 and b"ran" not in r.stdout
+    assert (b"this session must be recorded, and the recorder refused it: the login shell "
+            b"/usr/bin/tcsh runs the user's own startup files before the session recorder"
+            in r.stderr), r.stderr
+    assert t.events(type="exec", user=user.login) == []
 
 
 def test_a_full_spool_drops_output_not_events_and_says_so(trail_factory):
