@@ -7,11 +7,16 @@ from session_wrapper.agent_client import AgentClient, default_hello
 from sshtrail import wire
 
 
-def stand_in_agent(path):
-    """Welcomes one wrapper, acknowledges every batch; returns the batches it got."""
+def listening(path, backlog: int) -> socket.socket:
     srv = socket.socket(socket.AF_UNIX)
     srv.bind(str(path))
-    srv.listen(1)
+    srv.listen(backlog)
+    return srv
+
+
+def stand_in_agent(path):
+    """Welcomes one wrapper, acknowledges every batch; returns the batches it got."""
+    srv = listening(path, 1)
     batches = []
 
     def serve():
@@ -56,9 +61,7 @@ def test_a_busy_agent_socket_is_waited_for_not_taken_for_an_absent_agent(tmp_pat
     # A unix socket whose backlog is full refuses a connect (EAGAIN) instead of queueing it: a
     # burst of logins (their PAM calls and wrappers) must not leave sessions unrecorded.
     path = str(tmp_path / "agent.sock")
-    srv = socket.socket(socket.AF_UNIX)
-    srv.bind(path)
-    srv.listen(0)
+    srv = listening(path, 0)
     fillers = []
     while True:  # connections nobody has accepted yet, up to the backlog
         c = socket.socket(socket.AF_UNIX)
@@ -127,9 +130,7 @@ def test_a_refused_wrapper_neither_asks_again_nor_holds_output(tmp_path):
     # The agent refuses from the wrapper's kernel credentials, which do not change: asking
     # again every second would only fill its log, and output held for it would never go.
     path = str(tmp_path / "agent.sock")
-    srv = socket.socket(socket.AF_UNIX)
-    srv.bind(path)
-    srv.listen(8)
+    srv = listening(path, 8)
     hellos = []
 
     def refuse():
