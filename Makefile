@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := openssh-server openssh-client sshpass zsh tcsh python3-venv python3-dev python3-bpfcc \
+APT_PACKAGES := openssh-server openssh-client sshpass zsh tcsh git python3-venv python3-dev python3-bpfcc \
                 linux-headers-amd64 asciinema sqlite3 libpam-modules passwd procps rsync util-linux \
                 postgresql \
                 binutils rpm lintian debootstrap systemd

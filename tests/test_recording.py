@@ -146,6 +146,38 @@ def test_file_transfers_byte_identical(trail, big_file, tmp_path, tool):
     assert max(e["bytes_in"] + e["bytes_out"] for e in evs) >= 20 << 20
 
 
+def test_git_push_and_clone_over_ssh(trail, tmp_path):
+    # git runs git-receive-pack / git-upload-pack through sshd: binary pack data both ways on
+    # pipes, which the wrapper must pass through untouched.
+    lab = trail.lab
+    user = lab.add_user("git")
+    cfg = ssh_config(lab, user, tmp_path)
+    env = dict(os.environ, GIT_SSH_COMMAND=f"ssh -F {cfg}", GIT_CONFIG_NOSYSTEM="1",
+               HOME=str(tmp_path), GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@example.com",
+               GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@example.com")
+
+    def git(*args, cwd=tmp_path):
+        r = subprocess.run(["git", *args], cwd=cwd, env=env, capture_output=True, timeout=60,
+                           stdin=subprocess.DEVNULL)
+        assert r.returncode == 0, r.stderr
+        return r.stdout.decode().strip()
+
+    assert lab.ssh(user, "git init -q --bare -b main repo.git").returncode == 0
+    work = tmp_path / "work"
+    git("init", "-q", "-b", "main", str(work))
+    (work / "blob.bin").write_bytes(os.urandom(1 << 20))  # incompressible: a real pack
+    git("add", "blob.bin", cwd=work)
+    git("commit", "-q", "-m", "first", cwd=work)
+    git("push", "-q", "lab:repo.git", "main", cwd=work)
+    git("clone", "-q", "lab:repo.git", str(tmp_path / "clone"))
+    assert git("rev-parse", "HEAD", cwd=tmp_path / "clone") == git("rev-parse", "HEAD", cwd=work)
+    assert (tmp_path / "clone" / "blob.bin").read_bytes() == (work / "blob.bin").read_bytes()
+    evs = trail.wait_for(lambda e: len(e) >= 3, type="exec", user=user.login, what="exec events")
+    assert [e["command"].split()[0] for e in evs] == ["git", "git-receive-pack", "git-upload-pack"]
+    assert all(e["exit_status"] == 0 for e in evs)
+    assert evs[1]["bytes_in"] > 1 << 20 and evs[2]["bytes_out"] > 1 << 20
+
+
 def test_wrapper_cannot_be_traced_and_killing_it_ends_the_session(trail):
     user = shell_user(trail.lab)
     # $PPID of a command the shell execs in place is the wrapper.
