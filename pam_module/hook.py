@@ -8,9 +8,10 @@ friends are ignored and nothing from site-packages runs; it never asks for or re
 ends it, and SIGALRM's default action ends it if even that thread cannot run.
 
 Fail-open (the default): pam_exec runs detach.sh, which starts this hook in a session of its own
-(`setsid -f`) and returns at once, passing the PAM caller's pid as --caller. Logins never wait
-for the recording: a Python start costs a PAM call ~7 ms here, and a login makes three. Whatever
-goes wrong reaches syslog (LOG_AUTHPRIV). Fail-closed (`--fail-closed`, written by install when
+(`setsid -f`), 0.3 s later, and returns at once, passing the PAM caller's pid and start time
+(--caller, --caller-start) and the time of the call. Logins never wait for the recording, nor
+share the CPU with it: a Python start costs a PAM call ~7 ms here, and a login makes three.
+Whatever goes wrong reaches syslog (LOG_AUTHPRIV). Fail-closed (`--fail-closed`, written by install when
 pam.fail_closed is true, with the PAM control `required`): pam_exec runs the hook itself, which
 writes before it returns and exits non-zero if it could not, so PAM refuses the login.
 Either way the write is the agent's when it runs (_via_agent), else this process's.
@@ -114,9 +115,11 @@ class PamCall:
     """The facts of one PAM call, taken before the hook detaches (the calling sshd may be gone
     by the time the child writes) and checked: all of it comes from the PAM environment."""
 
-    def __init__(self, env, ppid: int, now: float, *, taken: dict | None = None):
+    def __init__(self, env, ppid: int, now: float, *, taken: dict | None = None,
+                 ppid_start: int | None = None):
         """`taken`: what the hook's process read from /proc and chose (see message()), when the
-        agent records the call for it."""
+        agent records the call for it. `ppid_start`: the caller's start time, as detach.sh read
+        it while the caller was surely there (else read now)."""
         self.env = {k: env[k] for k in _ENV if k in env}
         self.now = now
         self.type = _clean("PAM_TYPE", env.get("PAM_TYPE"))
@@ -129,10 +132,11 @@ class PamCall:
         self.ppid = ppid
         if taken is None:
             from sshtrail import procfs
-            try:
-                ppid_start = procfs.start_time(ppid)
-            except procfs.ProcessGone:
-                ppid_start = None  # sshd already gone (a very short session): see sid()
+            if ppid_start is None:
+                try:
+                    ppid_start = procfs.start_time(ppid)
+                except procfs.ProcessGone:
+                    ppid_start = None  # sshd already gone (a very short session): see sid()
             taken = {"ppid_start": ppid_start, "boot": procfs.boot_id(),
                      "seed": os.urandom(10).hex()}
         self.ppid_start, self.boot, self.seed = taken["ppid_start"], taken["boot"], taken["seed"]
@@ -323,8 +327,12 @@ def main(argv: list[str] | None = None) -> int:
         caller = _option(argv, "--caller")
         if caller is not None and not caller.isdigit():
             raise HookError(f"--caller {caller!r} is not a pid")
+        caller_start = _option(argv, "--caller-start")
+        if caller_start is not None and not caller_start.isdigit():
+            raise HookError(f"--caller-start {caller_start!r} is not a start time in clock ticks")
         now = call_time(_option(argv, "--called-at-uptime"), now)
-        call = PamCall(os.environ, int(caller) if caller else os.getppid(), now)
+        call = PamCall(os.environ, int(caller) if caller else os.getppid(), now,
+                       ppid_start=int(caller_start) if caller_start else None)
         from sshtrail import config
         cfg = config.load_cached(_option(argv, "--config"))
         watchdog.set(cfg["pam.timeout"])

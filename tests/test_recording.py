@@ -64,6 +64,18 @@ def test_interactive_session_recorded_resized_and_exit_status(trail):
     assert r.returncode == 0 and b"second-42" in r.stdout
 
 
+def test_a_short_sessions_login_and_recording_share_the_sid(trail):
+    # The PAM hook runs after the login (pam_module/detach.sh defers it), by when a session
+    # this short has ended and its sshd, which the sid is derived from, is gone.
+    user = trail.lab.add_user("short")
+    assert trail.lab.ssh(user, "true").returncode == 0
+    (ev,) = trail.wait_for(lambda e: len(e) >= 1, type="exec", user=user.login, what="exec")
+    (end,) = trail.wait_for(lambda e: len(e) >= 1, type="session.end", user=user.login,
+                            what="session.end")
+    (start,) = trail.events(type="session.start", user=user.login)
+    assert start["sid"] == ev["sid"] == end["sid"]
+
+
 def test_output_bytes_kept_exactly(trail):
     user = shell_user(trail.lab)
     blob = bytes(range(256)) * 4
