@@ -42,8 +42,9 @@ class AgentClient:
         self.error: str | None = None  # the agent could not be reached, and why
         self.lost_agent = False  # connected once, then lost
         # The batch being filled, already in the frame encoding: _batch[:_pos], in a buffer
-        # allocated once (growing a bytearray 4 KiB at a time copies it over and over).
-        self._batch = bytearray(self.batch_bytes + 2 * FRAME.size + 65536)
+        # allocated once (growing a bytearray 4 KiB at a time copies it over and over), at the
+        # first frame: zeroing it costs ~1 ms, and most sessions (`ssh host cmd`) have none.
+        self._batch = bytearray()
         self._pos = 0
         self._batch_data = 0  # bytes of terminal data in it
         self._due = 0.0  # when it must be sealed
@@ -149,7 +150,7 @@ class AgentClient:
             now = time.monotonic()
         pos = self._pos
         if pos + FRAME.size + n > len(self._batch):
-            self._batch += bytes(FRAME.size + n)
+            self._grow(FRAME.size + n)
         if kind == b"o" and now < self._frame_until:
             self._frame_len += n
         else:
@@ -168,6 +169,12 @@ class AgentClient:
             self.seal()
         elif pos == FRAME.size:
             self._rewake()  # this frame began the batch: it is due
+
+    def _grow(self, n: int) -> None:
+        if self._batch:
+            self._batch += bytes(n)
+        else:
+            self._batch = bytearray(max(self.batch_bytes + 2 * FRAME.size + 65536, n))
 
     def _close_frame(self) -> None:
         if self._frame_at >= 0:

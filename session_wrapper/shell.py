@@ -100,8 +100,11 @@ def main(argv: list[str] | None = None) -> None:
     path, args = command_line(shell, original)
     strict = cfg.strict_for(pw.pw_name, os.getgid())
 
-    from session_wrapper.pty_relay import get_winsize
-    cols, rows = get_winsize(0) if interactive else (0, 0)
+    if interactive:
+        from session_wrapper.pty_relay import get_winsize
+        cols, rows = get_winsize(0)
+    else:
+        cols, rows = 0, 0  # termios and tty, imported with pty_relay: ~1 ms not needed here
     hello = agent_client.default_hello("interactive" if interactive else "exec",
                                        original if original is not None else "", cols, rows)
     client = agent_client.AgentClient(
