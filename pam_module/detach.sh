@@ -17,10 +17,12 @@
 # that has been made (the hook ends by itself within pam.timeout).
 # nice: the recording competes with the logins that follow; let them win. (Not SCHED_IDLE:
 # under sustained load it could starve past pam.timeout and lose the event.)
+# Every program by its full path: this runs as root in the PAM environment, where the user's
+# ~/.pam_environment may have put a PATH of theirs (tests/test_pam_hook.py).
 DEFER=0.3
 caller=$PPID
 read uptime _ < /proc/uptime
 fields() { set -- $1; caller_start=${20}; }
 read -r stat < "/proc/$caller/stat" && fields "${stat##*) }"
-exec /usr/bin/setsid -f /bin/sh -c 'trap "" TERM; sleep "$0"; exec /usr/bin/nice -n 10 "$@"' \
+exec /usr/bin/setsid -f /bin/sh -c 'trap "" TERM; /bin/sleep "$0"; exec /usr/bin/nice -n 10 "$@"' \
     "$DEFER" "$@" --caller "$caller" --caller-start "$caller_start" --called-at-uptime "$uptime"

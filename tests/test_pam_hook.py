@@ -192,10 +192,13 @@ def test_user_environment_cannot_steer_the_root_hook(tmp_path, cfg_path):
     evil.mkdir()
     marker = tmp_path / "pwned"
     (evil / "sitecustomize.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n")
+    for name in ("sleep", "nice", "setsid", "sh", "python3"):  # what detach.sh runs, by name
+        (evil / name).write_text(f"#!/bin/sh\n/usr/bin/touch {marker}\n")
+        (evil / name).chmod(0o755)
     other = tmp_path / "other.toml"
     other.write_text(f'[spool]\npath = "{tmp_path}/user-chosen.db"\n')
     r = run_hook(cfg_path, "open_session", env={"PYTHONPATH": str(evil), "PYTHONSTARTUP": str(evil),
-                                                "SSHTRAIL_CONFIG": str(other)})
+                                                "SSHTRAIL_CONFIG": str(other), "PATH": str(evil)})
     assert r.returncode == 0
     assert len(wait_spooled(cfg_path, 1, kind="user.login")) == 1
     assert not marker.exists()
