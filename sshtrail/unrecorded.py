@@ -57,13 +57,16 @@ class UnrecordedWatch:
         if not sessions:
             self._reported.clear()
             return []
-        wrappers = {pid for (pid,) in db.execute(
-            "SELECT wrapper_pid FROM recordings WHERE ended IS NULL")}
         table = procfs.table()
+        # A recording left open by an agent that died has a pid that another process may have
+        # now: a wrapper is its pid and its start time.
+        wrappers = {pid for pid, start in db.execute(
+            "SELECT wrapper_pid, wrapper_start FROM recordings WHERE ended IS NULL")
+            if table.get(pid, (0, None))[1] == start}
         self._reported = {k for k in self._reported if table.get(k[0], (0, None))[1] == k[1]}
         children = _children(table)
         starters = set()  # between a session's sshd and a live wrapper
-        for pid in wrappers & table.keys():
+        for pid in wrappers:
             pid = table[pid][0]
             while pid in table and pid not in starters and not procfs.is_sshd(pid):
                 starters.add(pid)

@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from sshtrail import asciicast, procfs
+from sshtrail import asciicast, config, procfs
+from sshtrail.spool import Spool
 from terminal import PROMPT, Terminal, shell_user
 from ttyrun import run_on_a_tty
 
@@ -83,8 +84,6 @@ def test_output_bytes_kept_exactly(trail):
     term = Terminal(trail.lab, user, command="cat ~/blob; exit 0")
     assert term.wait() == 0
     sid = recording_of(trail, user)[0]["sid"]
-    from sshtrail.spool import Spool
-    from sshtrail import config
     spool = Spool.from_config(config.load(trail.config))
     raw = b"".join(d for _, k, d in spool.frames(sid) if k == b"o")
     spool.close()
@@ -264,8 +263,6 @@ def test_twenty_concurrent_sessions_recorded_completely(trail):
     assert all(r.returncode == 0 for r in results.values())
     evs = trail.wait_for(lambda e: len(e) >= 20, type="session.recording", user=user.login,
                          what="20 recordings", timeout=30)
-    from sshtrail import config
-    from sshtrail.spool import Spool
     spool = Spool.from_config(config.load(trail.config))
     try:
         for ev in evs:
@@ -363,12 +360,24 @@ def test_a_process_the_login_shell_ran_outside_the_wrapper_is_reported(trail_fac
                                   stderr=subprocess.DEVNULL)
     recorded = subprocess.Popen(lab.ssh_argv(other, "sleep 7")[0], env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    escaping = subprocess.Popen(lab.ssh_argv(user, "echo anything")[0], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        assert lab.ssh(user, "echo anything", timeout=30).returncode == 0
+        # A recording an agent left open (it died) names a wrapper pid that the escaped
+        # process may have now: it must not pass for that wrapper.
+        pid = wait_for_process(user, "sleep")
+        spool = Spool.from_config(config.load(t.config))
+        try:
+            spool.start_recording(sid="left-open", login=user.login, mode="exec", command="x",
+                                  term="", cols=80, rows=24, started=time.time() - 3600,
+                                  wrapper_pid=pid, wrapper_start=procfs.start_time(pid) - 100)
+        finally:
+            spool.close()
+        assert escaping.wait(30) == 0
     finally:
         forwarding.terminate()
-        recorded.wait(30)
-        forwarding.wait(30)
+        for p in (recorded, forwarding, escaping):
+            p.wait(30)
     (ev,) = t.wait_for(lambda e: len(e) >= 1, type="session.recording_failed",
                        user=user.login, what="the unrecorded process reported")
     assert ev["command"] == "sleep 8" and "outside the session wrapper" in ev["reason"]
@@ -380,6 +389,16 @@ def test_a_process_the_login_shell_ran_outside_the_wrapper_is_reported(trail_fac
                              what="the tcsh user's command recorded")
     assert recorded["command"] == "sleep 7" and recorded["exit_status"] == 0
     assert "ended" not in ev  # best_effort: reported, left running
+
+
+def wait_for_process(user, name: str, timeout: float = 10.0) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = subprocess.run(["pgrep", "-u", user.login, "-x", name], capture_output=True)
+        if r.stdout.split():
+            return int(r.stdout.split()[0])
+        time.sleep(0.05)
+    raise AssertionError(f"no {name} process of {user.login} after {timeout:.0f}s")
 
 
 @pytest.mark.parametrize("tty", [False, True], ids=["command", "tty"])
