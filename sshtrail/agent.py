@@ -158,6 +158,8 @@ def run(cfg, stop: threading.Event | None = None) -> int:
     # The first look waits for wrappers that lost the agent to come back (they retry every
     # second): until they do, they are not known as wrappers.
     next_look = time.monotonic() + UNRECORDED_FIRST_LOOK
+    # Then too, once: recordings left open by wrappers that died while no agent ran.
+    orphans_closed = False
     try:
         while not stop.is_set():
             try:
@@ -167,6 +169,12 @@ def run(cfg, stop: threading.Event | None = None) -> int:
                 log.error("log watcher pass failed: %s; retrying", e)
                 stop.wait(1.0)
             if time.monotonic() >= next_look:
+                if not orphans_closed:
+                    orphans_closed = True
+                    try:
+                        session_server.close_orphans(spool)
+                    except Exception as e:  # noqa: BLE001 - as above
+                        log.error("ending recordings whose wrapper died meanwhile failed: %s", e)
                 next_look = time.monotonic() + UNRECORDED_EVERY
                 try:
                     for ev in unrecorded.scan(spool):

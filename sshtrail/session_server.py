@@ -271,12 +271,34 @@ class SessionServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             time.sleep(0.02)
         if alive:
             reason = "the session wrapper closed its connection to the agent without an end"
-        row = self.spool.recording(sid)
-        ev = events.new("session.recording", sid=sid, login=session["login"],
-                        size=row["bytes_out"], stored=row["stored_bytes"],
-                        duration=round(time.time() - row["started"], 6), end_reason=reason)
-        self.spool.end_recording(sid, ev, ended=time.time(), end_reason=reason)
-        log.warning("recording %s: %s", sid, reason)
+        _end_unreported(self.spool, self.spool.recording(sid), reason, time.time())
+
+
+def close_orphans(spool) -> int:
+    """End the recordings whose wrapper died while no agent ran (its end was never told, and
+    no connection of it is left to lose): at the agent's start, once live wrappers have had the
+    time to come back. Their end is taken as their last frame. Returns how many."""
+    table = procfs.table()
+    found = 0
+    for row in spool.recordings():
+        if row["ended"] is None and \
+                table.get(row["wrapper_pid"], (0, None))[1] != row["wrapper_start"]:
+            last = spool.last_frame_time(row["sid"])
+            _end_unreported(spool, row, "the session wrapper ended while the agent was not "
+                            "running: its end, exit status and any output it had not handed "
+                            "over are unknown; the end given is its last recorded output (its start if none)",
+                            row["started"] + (last or 0.0))
+            found += 1
+    return found
+
+
+def _end_unreported(spool, row, reason: str, ended: float) -> None:
+    """End a recording whose wrapper never said how it ended, with an event that says so."""
+    ev = events.new("session.recording", sid=row["sid"], login=row["login"],
+                    size=row["bytes_out"], stored=row["stored_bytes"],
+                    duration=round(ended - row["started"], 6), end_reason=reason)
+    spool.end_recording(row["sid"], ev, ended=ended, end_reason=reason)
+    log.warning("recording %s: %s", row["sid"], reason)
 
 
 def _int(value, default: int) -> int:

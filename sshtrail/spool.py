@@ -485,6 +485,15 @@ class Spool:
         names = [c[0] for c in cur.description]
         return [dict(zip(names, row)) for row in cur.fetchall()]
 
+    def last_frame_time(self, sid: str) -> float | None:
+        """Seconds from the start of the recording to its last frame (None: no frames)."""
+        from .wire import unpack_frames
+        row = self._db.execute("SELECT seq, data, size FROM recording_chunks WHERE sid = ? "
+                               "ORDER BY seq DESC LIMIT 1", (sid,)).fetchone()
+        data = row and self._chunk_data(sid, *row)
+        frames = unpack_frames(data) if data else []
+        return frames[-1][0] if frames else None
+
     def frames(self, sid: str):
         """The recording's frames in order: (t, kind, data)."""
         from .wire import unpack_frames

@@ -3,6 +3,7 @@
 import hashlib
 import os
 import re
+import signal
 import subprocess
 import threading
 import time
@@ -84,7 +85,7 @@ def test_output_bytes_kept_exactly(trail):
     term = Terminal(trail.lab, user, command="cat ~/blob; exit 0")
     assert term.wait() == 0
     sid = recording_of(trail, user)[0]["sid"]
-    spool = Spool.from_config(config.load(trail.config))
+    spool = open_spool(trail)
     raw = b"".join(d for _, k, d in spool.frames(sid) if k == b"o")
     spool.close()
     # The pty turns \n into \r\n (onlcr): that is what the terminal showed; nothing else changed.
@@ -246,6 +247,45 @@ def test_agent_restart_mid_session_loses_nothing(trail):
     assert out.index("phase-11") < out.index("phase-22") < out.index("phase-33")
 
 
+def test_a_wrapper_that_ends_while_the_agent_is_away_has_its_recording_ended(trail):
+    # Its end never reaches an agent, and no connection is left to be lost: the next agent
+    # finds the recording open and its wrapper gone, and ends it, saying so.
+    user = shell_user(trail.lab)
+    term = Terminal(trail.lab, user)
+    term.expect(re.escape(PROMPT))
+    term.send("sleep 1; echo last-$((6*7))\r")
+    term.expect(rb"last-42")
+    time.sleep(0.5)  # a batch is due every 50 ms: the output is with the agent
+    (rec,) = recordings_of(trail, user)
+    trail.stop_agent()
+    os.kill(rec["wrapper_pid"], signal.SIGKILL)
+    term.wait()
+    trail.start_agent()
+    (ev,) = trail.wait_for(lambda e: any("end_reason" in x for x in e), type="session.recording",
+                           user=user.login, what="the recording ended")
+    assert "ended while the agent was not running" in ev["end_reason"]
+    (row,) = recordings_of(trail, user)
+    # Its last output came a second in, and the end is taken from it.
+    assert row["ended"] is not None and 1.0 <= row["ended"] - row["started"] < 30
+    spool = open_spool(trail)
+    try:
+        assert b"last-42" in b"".join(d for _, k, d in spool.frames(rec["sid"]))
+    finally:
+        spool.close()
+
+
+def recordings_of(trail, user) -> list[dict]:
+    spool = open_spool(trail)
+    try:
+        return [r for r in spool.recordings() if r["login"] == user.login]
+    finally:
+        spool.close()
+
+
+def open_spool(trail) -> Spool:
+    return Spool.from_config(config.load(trail.config))
+
+
 def test_twenty_concurrent_sessions_recorded_completely(trail):
     user = trail.lab.add_user("many")
     results = {}
@@ -263,7 +303,7 @@ def test_twenty_concurrent_sessions_recorded_completely(trail):
     assert all(r.returncode == 0 for r in results.values())
     evs = trail.wait_for(lambda e: len(e) >= 20, type="session.recording", user=user.login,
                          what="20 recordings", timeout=30)
-    spool = Spool.from_config(config.load(trail.config))
+    spool = open_spool(trail)
     try:
         for ev in evs:
             rec = spool.recording(ev["sid"])
@@ -366,7 +406,7 @@ def test_a_process_the_login_shell_ran_outside_the_wrapper_is_reported(trail_fac
         # A recording an agent left open (it died) names a wrapper pid that the escaped
         # process may have now: it must not pass for that wrapper.
         pid = wait_for_process(user, "sleep")
-        spool = Spool.from_config(config.load(t.config))
+        spool = open_spool(t)
         try:
             spool.start_recording(sid="left-open", login=user.login, mode="exec", command="x",
                                   term="", cols=80, rows=24, started=time.time() - 3600,
