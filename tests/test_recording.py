@@ -228,13 +228,20 @@ def test_agent_down_strict_refuses(trail, syslog_sink):
     syslog_sink.wait_for("refused session")
 
 
-def test_agent_restart_mid_session_loses_nothing(trail):
+def shell_that_said(trail, command: str, expect: bytes):
+    """(user, terminal): a new user's shell that ran `command` and showed `expect`, which is
+    with the agent by now."""
     user = shell_user(trail.lab)
     term = Terminal(trail.lab, user)
     term.expect(re.escape(PROMPT))
-    term.send("echo phase-$((1*11))\r")
-    term.expect(rb"phase-11")
-    time.sleep(0.5)
+    term.send(command + "\r")
+    term.expect(expect)
+    time.sleep(0.5)  # a batch is due every 50 ms
+    return user, term
+
+
+def test_agent_restart_mid_session_loses_nothing(trail):
+    user, term = shell_that_said(trail, "echo phase-$((1*11))", rb"phase-11")
     trail.stop_agent()
     term.send("echo phase-$((2*11))\r")  # recorded while the agent is away
     term.expect(rb"phase-22")
@@ -250,12 +257,7 @@ def test_agent_restart_mid_session_loses_nothing(trail):
 def test_a_wrapper_that_ends_while_the_agent_is_away_has_its_recording_ended(trail):
     # Its end never reaches an agent, and no connection is left to be lost: the next agent
     # finds the recording open and its wrapper gone, and ends it, saying so.
-    user = shell_user(trail.lab)
-    term = Terminal(trail.lab, user)
-    term.expect(re.escape(PROMPT))
-    term.send("sleep 1; echo last-$((6*7))\r")
-    term.expect(rb"last-42")
-    time.sleep(0.5)  # a batch is due every 50 ms: the output is with the agent
+    user, term = shell_that_said(trail, "sleep 1; echo last-$((6*7))", rb"last-42")
     (rec,) = recordings_of(trail, user)
     trail.stop_agent()
     os.kill(rec["wrapper_pid"], signal.SIGKILL)
