@@ -111,6 +111,11 @@ def _clean(name: str, value: str | None, *, required: bool = True) -> str:
     return value
 
 
+def remote_address(addr: str, port: str) -> str:
+    """`addr.remote` as events carry it: 'ADDR:PORT', '[ADDR]:PORT' for IPv6."""
+    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+
+
 class PamCall:
     """The facts of one PAM call, taken before the hook detaches (the calling sshd may be gone
     by the time the child writes) and checked: all of it comes from the PAM environment."""
@@ -147,7 +152,7 @@ class PamCall:
                 raise HookError(f"SSH_CONNECTION={conn!r} is not 'ADDR PORT LADDR LPORT'")
             addr, port = parts[0], parts[1]
             self.conn = f"{addr} {port}"
-            self.addr = f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+            self.addr = remote_address(addr, port)
         else:
             # Not from sshd (su, a test through python-pam): the calling process is the key.
             self.conn = f"pid {ppid}"

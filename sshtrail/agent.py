@@ -4,7 +4,8 @@ It hosts the sshd-log watcher (refusals into `user.login` failures, and the reap
 attempts nothing else explained), the session socket where wrappers deliver recordings
 (sshtrail.session_server), the eBPF tracer that follows each recorded session's processes
 (sshtrail.host_events), the look for processes in SSH sessions that no wrapper started
-(sshtrail.unrecorded), and the uploader that ships the spool to the collector
+(sshtrail.unrecorded) and for sessions whose PAM close never came (pam_module.sessions), and
+the uploader that ships the spool to the collector
 (sshtrail.uploader). Logs go to stderr (journald picks them up); it stops
 cleanly on SIGTERM/SIGINT after writing what it has read.
 
@@ -22,6 +23,7 @@ import threading
 import time
 
 from pam_module import attempts, sshd_log
+from pam_module.sessions import MESSAGE, UnclosedSessions
 from sshtrail import config, events, host_events, session_server
 from sshtrail.spool import Spool
 from sshtrail.unrecorded import UnrecordedWatch
@@ -155,6 +157,8 @@ def run(cfg, stop: threading.Event | None = None) -> int:
     else:
         upload_thread = uploader.start(cfg, upload_stop)
     unrecorded = UnrecordedWatch(cfg["recording.unrecorded_grace"], strict_for)
+    # Longer than a close hook can take (it starts 0.3 s after the call, ends within pam.timeout).
+    unclosed = UnclosedSessions(cfg["pam.timeout"] + 5.0)
     # The first look waits for wrappers that lost the agent to come back (they retry every
     # second): until they do, they are not known as wrappers.
     next_look = time.monotonic() + UNRECORDED_FIRST_LOOK
@@ -182,6 +186,11 @@ def run(cfg, stop: threading.Event | None = None) -> int:
                         spool.append(ev)
                 except Exception as e:  # noqa: BLE001 - as above
                     log.error("looking for unrecorded processes failed: %s", e)
+                try:
+                    for ev in unclosed.reap(spool):
+                        log.warning("session %s of %s: %s", ev["sid"], ev["login"], MESSAGE)
+                except Exception as e:  # noqa: BLE001 - as above
+                    log.error("looking for sessions whose close never came failed: %s", e)
         watcher.step(final=True)  # what was already in the log, and what the tracker held
     finally:
         # uploader: finish the request in flight (a killed one is re-sent after its lease)

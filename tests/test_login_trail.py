@@ -115,6 +115,34 @@ def test_refusals_are_told_apart(trail):
         assert only_failure(trail, login)["error"] == error
 
 
+def test_a_session_whose_sshd_is_killed_still_ends(trail):
+    # PAM's close_session never runs for it: the agent finds the session's sshd gone and ends
+    # it, once, saying what it does not know.
+    user = trail.lab.add_user("kill")
+    argv, env = trail.lab.ssh_argv(user, "sleep 15")
+    client = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        (start,) = trail.wait_for(lambda e: len(e) >= 1, type="session.start", user=user.login,
+                                  what="session.start")
+        with sqlite3.connect(trail.spool_path) as db:
+            (monitor,) = db.execute("SELECT pid FROM pam_sessions WHERE sid = ?",
+                                    (start["sid"],)).fetchone()
+        # The connection's two sshd processes, as `pkill sshd` or the OOM killer would.
+        children = subprocess.run(["pgrep", "-P", str(monitor)], capture_output=True).stdout
+        for pid in [monitor] + [int(p) for p in children.split()]:
+            os.kill(pid, 9)
+        client.wait(30)
+    finally:
+        if client.poll() is None:
+            client.kill()
+    (end,) = trail.wait_for(lambda e: len(e) >= 1, type="session.end", user=user.login,
+                            what="session.end", timeout=40)
+    assert end["sid"] == start["sid"] and "without PAM's close_session" in end["message"]
+    assert end["addr.remote"] == start["addr.remote"]
+    time.sleep(6)  # another look: still one end
+    assert len(trail.events(type="session.end", user=user.login)) == 1
+
+
 def test_hook_failure_lets_login_in_and_reaches_syslog(trail, syslog_sink):
     user = trail.lab.add_user("frank")
     spool_dir = trail.spool_path.parent

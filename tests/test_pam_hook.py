@@ -302,3 +302,41 @@ def test_a_call_is_stamped_when_pam_made_it_not_when_its_hook_ran(cfg_path):
     finally:
         s.close()
     assert [e["event"] for e in spooled(cfg_path)] == ["user.login", "session.start"]
+
+
+def test_a_session_whose_close_never_came_is_ended_once_after_the_grace(tmp_path):
+    from pam_module.sessions import UnclosedSessions
+    from sshtrail import procfs, sessionid
+    spool = Spool(tmp_path / "spool.db", server_id="h")
+    gone = subprocess.Popen(["true"])
+    gone.wait()  # its pid: no process now
+    me = os.getpid()
+    live_sid = sessionid.derive("h", procfs.boot_id(), me, procfs.start_time(me))
+    for conn, pid, sid in (("127.0.0.1 5000", gone.pid, "gone-sid"), ("pid 1", me, live_sid)):
+        spool.db.execute("INSERT INTO pam_sessions (conn, pid, sid, login, started) "
+                         "VALUES (?, ?, ?, 'alice', 0)", (conn, pid, sid))
+    unclosed = UnclosedSessions(grace=10.0)
+    assert unclosed.reap(spool, now=100.0) == [] and unclosed.reap(spool, now=109.0) == []
+    (ev,) = unclosed.reap(spool, now=110.0)
+    assert ev["event"] == "session.end" and ev["sid"] == "gone-sid"
+    assert ev["addr.remote"] == "127.0.0.1:5000" and "close_session" in ev["message"]
+    assert unclosed.reap(spool, now=500.0) == []  # once; the live session's sshd is still here
+    assert [e["sid"] for e in spool.query(kind="session.end")] == ["gone-sid"]
+    spool.close()
+
+
+def test_a_close_that_comes_while_the_agent_ends_the_session_wins(tmp_path, monkeypatch):
+    # The close hook's session.end commits between the agent's look at the row and its own
+    # write: the agent's event is rolled back with its delete, and only one end is spooled.
+    from pam_module import sessions
+    spool = Spool(tmp_path / "spool.db", server_id="h")
+    spool.db.execute("INSERT INTO pam_sessions (conn, pid, sid, login, started) "
+                     "VALUES ('127.0.0.1 5000', 1, 'late-close', 'alice', 0)")
+
+    def closed_meanwhile(*_):
+        spool.db.execute("DELETE FROM pam_sessions")  # what the close hook's write does
+        return False
+    monkeypatch.setattr(sessions, "_opened_by", closed_meanwhile)
+    assert sessions.UnclosedSessions(grace=0.0).reap(spool, now=1.0) == []
+    assert spool.query(kind="session.end") == []
+    spool.close()
