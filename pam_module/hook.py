@@ -11,9 +11,10 @@ Fail-open (the default): pam_exec runs detach.sh, which starts this hook in a se
 (`setsid -f`), 0.3 s later, and returns at once, passing the PAM caller's pid and start time
 (--caller, --caller-start) and the time of the call. Logins never wait for the recording, nor
 share the CPU with it: a Python start costs a PAM call ~7 ms here, and a login makes three.
-Whatever goes wrong reaches syslog (LOG_AUTHPRIV). Fail-closed (`--fail-closed`, written by install when
-pam.fail_closed is true, with the PAM control `required`): pam_exec runs the hook itself, which
-writes before it returns and exits non-zero if it could not, so PAM refuses the login.
+Whatever goes wrong reaches syslog (LOG_AUTHPRIV). Fail-closed (`--fail-closed`, written by
+install when pam.fail_closed is true, with the PAM control `required`): pam_exec runs the hook
+itself, which writes before it returns and exits non-zero if it could not, so PAM refuses the
+login.
 Either way the write is the agent's when it runs (_via_agent), else this process's.
 
 What each PAM call records:

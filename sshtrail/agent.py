@@ -31,8 +31,10 @@ from sshtrail.unrecorded import UnrecordedWatch
 log = logging.getLogger("sshtrail.agent")
 _POSITION_KEY = "sshd_log.position"
 REAP_EVERY = 5.0
-UNRECORDED_FIRST_LOOK = 3.0  # seconds after the start
-UNRECORDED_EVERY = 5.0  # a look reads /proc/*/stat: about 20 µs per process on the host
+# The look at the host's processes: for what runs unrecorded in SSH sessions, for sessions whose
+# PAM close never came, and (once, first) for recordings whose wrapper died while no agent ran.
+LOOK_FIRST = 3.0  # seconds after the start
+LOOK_EVERY = 5.0  # a look reads /proc/*/stat: about 20 µs per process on the host
 # A refusal of one attempt resolves one pending PAM attempt; these end the whole connection.
 _PER_ATTEMPT = {"bad_password", "bad_key", "bad_credentials"}
 
@@ -111,7 +113,7 @@ def _strict_policy(cfg):
         current = cfg
         if cfg.source:
             try:
-                current = config.load(cfg.source, use_env=False)
+                current = config.load_cached(cfg.source)  # as the wrapper reads it
             except config.ConfigError as e:
                 log.error("%s; deciding by the config the agent started with", e)
         return current.strict_for(login, gid)
@@ -161,7 +163,7 @@ def run(cfg, stop: threading.Event | None = None) -> int:
     unclosed = UnclosedSessions(cfg["pam.timeout"] + 5.0)
     # The first look waits for wrappers that lost the agent to come back (they retry every
     # second): until they do, they are not known as wrappers.
-    next_look = time.monotonic() + UNRECORDED_FIRST_LOOK
+    next_look = time.monotonic() + LOOK_FIRST
     # Then too, once: recordings left open by wrappers that died while no agent ran.
     orphans_closed = False
     try:
@@ -179,7 +181,7 @@ def run(cfg, stop: threading.Event | None = None) -> int:
                         session_server.close_orphans(spool)
                     except Exception as e:  # noqa: BLE001 - as above
                         log.error("ending recordings whose wrapper died meanwhile failed: %s", e)
-                next_look = time.monotonic() + UNRECORDED_EVERY
+                next_look = time.monotonic() + LOOK_EVERY
                 try:
                     for ev in unrecorded.scan(spool):
                         log.warning("%s", ev["reason"])

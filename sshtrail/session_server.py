@@ -286,8 +286,8 @@ def close_orphans(spool) -> int:
             last = spool.last_frame_time(row["sid"])
             _end_unreported(spool, row, "the session wrapper ended while the agent was not "
                             "running: its end, exit status and any output it had not handed "
-                            "over are unknown; the end given is its last recorded output (its start if none)",
-                            row["started"] + (last or 0.0))
+                            "over are unknown; the end given is its last recorded output "
+                            "(its start if none)", row["started"] + (last or 0.0))
             found += 1
     return found
 
