@@ -101,6 +101,7 @@ class Decoder:
         base = {
             "key": h.key,
             "pid": h.pid,
+            "ppid": h.ppid,
             "comm": _cstr(h.comm),
             "time": h.ts_ns / 1e9 + self.time_offset,
             "ret": h.ret,
@@ -121,7 +122,6 @@ class Decoder:
         ev = {
             "kind": "exec",
             **base,
-            "ppid": h.ppid,
             "uid": h.uid,
             "path": _text(path),
             "path_truncated": bool(h.flags & F_PATH_TRUNCATED),

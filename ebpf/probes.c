@@ -59,6 +59,13 @@
 // created because `lost` is full) go to this key.
 #define KEY_UNATTRIBUTED 0xffffffff
 
+// Processes under an sshd listener that no recorded session has claimed (Tracer.track_sshd):
+// each connection's own sshd processes, and what runs in it outside a session wrapper (port
+// forwarding, a login shell's startup files). Of those running as root -- the connection's
+// monitor, through every authentication attempt, scanners' included -- only connects are
+// reported; user space sorts the rest into sessions.
+#define KEY_SSHD 0xfffffffe
+
 // ---- Maps -------------------------------------------------------------------------------------
 
 // Every process of a tracked session, by pid (tgid; threads get an entry too, by tid, since the
@@ -139,6 +146,12 @@ BPF_PERCPU_ARRAY(scratch_slot, union scratch, 1);
 BPF_RINGBUF_OUTPUT(events, RINGBUF_PAGES);
 
 // ---- Helpers ----------------------------------------------------------------------------------
+
+// True for a process whose execs and opens are not reported (see KEY_SSHD).
+static __always_inline int quiet(struct proc *p)
+{
+    return p->key == KEY_SSHD && (u32)bpf_get_current_uid_gid() == 0;
+}
 
 static __always_inline void count_lost(u32 key)
 {
@@ -238,7 +251,7 @@ TRACEPOINT_PROBE(sched, sched_process_exec)
 {
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
     struct proc *p = procs.lookup(&tgid);
-    if (!p)
+    if (!p || quiet(p))
         return 0;
     u32 key = p->key, ppid = p->ppid;
 
@@ -331,7 +344,7 @@ static __always_inline int exec_enter(u64 filename)
 {
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
     struct proc *p = procs.lookup(&tgid);
-    if (!p)
+    if (!p || quiet(p))
         return 0;
     u32 tid = (u32)bpf_get_current_pid_tgid();
     struct pending pe = {.ptr = filename, .key = p->key, .ppid = p->ppid};
@@ -388,7 +401,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_openat)
 {
     u32 tgid = bpf_get_current_pid_tgid() >> 32;
     struct proc *p = procs.lookup(&tgid);
-    if (!p)
+    if (!p || quiet(p))
         return 0;
     u32 tid = (u32)bpf_get_current_pid_tgid();
     struct pending pe = {.ptr = (u64)args->filename, .key = p->key, .ppid = p->ppid,

@@ -14,8 +14,8 @@ filtered in the kernel, by the first map lookup of each probe.
             t.poll(100)                 # calls on_events with what arrived
             for key, n in t.lost().items(): ...   # events the kernel could not deliver
 
-Events (dicts), each with "key", "pid", "comm", "time" (epoch seconds) and "ret":
-  exec     ppid, uid, path, argv, argv_truncated  (ret < 0: a failed exec, argv is [])
+Events (dicts), each with "key", "pid", "ppid", "comm", "time" (epoch seconds) and "ret":
+  exec     uid, path, argv, argv_truncated  (ret < 0: a failed exec, argv is [])
   open     path, path_truncated, flags             (ret: fd or -errno)
   connect  family (4|6), dst_addr, dst_port        (ret: 0 or -errno, -115 for non-blocking)
 Extra keys appear only when true: path_unreadable, argv_unreadable. Paths are as the process
@@ -64,6 +64,8 @@ O_ACCMODE, O_RDONLY, O_CREAT, O_TRUNC = 0o3, 0o0, 0o100, 0o1000
 # Lost events that could not be counted under their session (its counter could not be created)
 # are counted under this key in the kernel; lost() reports them under None.
 KEY_UNATTRIBUTED = 0xFFFFFFFF
+# The processes under an sshd listener that no session claimed (track_sshd); see probes.c.
+KEY_SSHD = 0xFFFFFFFE
 
 INIT_PID_NS = 0xEFFFFFFC  # proc_ns inode number of the initial PID namespace (PROC_PID_INIT_INO)
 TRACEFS = Path("/sys/kernel/tracing")
@@ -234,16 +236,20 @@ class Tracer:
 
     # -- sessions ----------------------------------------------------------------------------
 
-    def track(self, pid: int, key: int) -> None:
-        """Follow pid and everything it will start under `key` (0 <= key < 2**32 - 1).
+    def track(self, pid: int, key: int, *, claim: bool = True) -> None:
+        """Follow pid and everything it will start under `key` (0 <= key < KEY_UNATTRIBUTED).
 
-        Descendants pid already has are tracked too. Raises ProcessLookupError when pid is gone.
+        Descendants pid already has are tracked too. `claim`: take processes another key
+        follows (a session wrapper starts under its sshd's KEY_SSHD); else leave them as they
+        are. Raises ProcessLookupError when pid is gone.
         """
         if not 0 <= key < KEY_UNATTRIBUTED:
             raise ValueError(f"key must be 0..{KEY_UNATTRIBUTED - 1}, not {key}")
         before = _ppid_and_start(pid)
         if before is None:
             raise ProcessLookupError(f"no process {pid}")
+        if not claim and self._procs.get(self._procs.Key(pid)) is not None:
+            return
         self._put(pid, key, before[0])
         # Had pid exited before the entry was in, its exit would have found nothing to clean up
         # and a later process reusing the pid would inherit the session: check it is still there.
@@ -260,8 +266,16 @@ class Tracer:
         todo = list(children.get(pid, []))
         while todo:
             child = todo.pop()
+            if not claim and self._procs.get(self._procs.Key(child)) is not None:
+                continue  # followed already, with all it started
             self._put(child, key, _ppid_and_start(child)[0] if _ppid_and_start(child) else pid)
             todo.extend(children.get(child, []))
+
+    def track_sshd(self, listener: int) -> None:
+        """Follow an sshd listener's connections (KEY_SSHD): the processes of each, and what
+        runs in it outside the sessions track() follows, which keep their keys. Of processes
+        running as root there, only connects are reported (probes.c)."""
+        self.track(listener, KEY_SSHD, claim=False)
 
     def _put(self, pid: int, key: int, ppid: int) -> None:
         self._procs[self._procs.Key(pid)] = self._procs.Leaf(key, ppid)

@@ -140,7 +140,8 @@ def run(cfg, stop: threading.Event | None = None) -> int:
         log.warning(message)
     hosts = host_events.HostEvents(cfg)
     strict_for = _strict_policy(cfg)
-    sessions = session_server.serve(cfg, on_session=hosts.track, strict_for=strict_for)
+    sessions = session_server.serve(cfg, on_session=hosts.track, strict_for=strict_for,
+                                    on_login=hosts.session_opened)
     # agent.start says we are up with all we have: BCC takes seconds to compile the probes.
     # (Sessions starting meanwhile are recorded, and followed once the tracer is loaded.)
     hosts.ready.wait(60)

@@ -6,6 +6,7 @@ message and a non-zero exit: never a traceback for bad input.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import re
@@ -54,6 +55,21 @@ def _safe(text) -> str:
     return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(text))
 
 
+def _host_event_notes(ev: dict) -> str:
+    """How a host event ended, and where it happened when not inside the recording."""
+    notes = []
+    rc = ev["return_code"]
+    if rc == -errno.EINPROGRESS and ev["event"] == "session.network":
+        notes.append("in progress")  # non-blocking: whether it then succeeds is not traced
+    elif rc < 0:
+        notes.append(f"failed: {errno.errorcode.get(-rc, rc)}")
+    if ev.get("forwarded"):
+        notes.append("forwarded by sshd for the client")
+    elif ev.get("outside"):
+        notes.append("in the connection, outside the recording")
+    return f" ({'; '.join(notes)})" if notes else ""
+
+
 def _detail(ev: dict) -> str:
     kind = ev["event"]
     if kind == "user.login":
@@ -63,12 +79,12 @@ def _detail(ev: dict) -> str:
     if kind == "session.end" and "duration" in ev:
         return f"after {ev['duration']:.1f}s"
     if kind == "session.command":
-        return "run " + " ".join(ev["argv"])[:100] + (f" (failed {ev['return_code']})" if ev["return_code"] < 0 else "")
+        return "run " + " ".join(ev["argv"])[:100] + _host_event_notes(ev)
     if kind == "session.disk":
-        return f"open {ev['path']}" + (f" (failed {ev['return_code']})" if ev["return_code"] < 0 else "")
+        return f"open {ev['path']}" + _host_event_notes(ev)
     if kind == "session.network":
         host = f"[{ev['dst_addr']}]" if ev["version"] == 6 else ev["dst_addr"]
-        return f"connect {host}:{ev['dst_port']}" + (f" (failed {ev['return_code']})" if ev["return_code"] < 0 else "")
+        return f"connect {host}:{ev['dst_port']}" + _host_event_notes(ev)
     if kind == "exec":
         return f"`{ev['command']}` exit {ev.get('exit_status')}"
     if kind == "session.recording":

@@ -51,7 +51,7 @@ TYPES: dict[str, EventType] = {
                               "a file open inside a session"),
     "session.network": EventType("T4002I", {"sid": str, "pid": int, "dst_addr": str,
                                             "dst_port": int, "version": int, "return_code": int},
-                                 "a connect inside a session"),
+                                 "a connect inside a session, or by its sshd for the client"),
     "session.recording": EventType("ST2100I", {"sid": str}, "a session has a recording"),
     "session.recording_failed": EventType("ST2101W", {"sid": str, "reason": str},
                                           "a session could not be (fully) recorded"),

@@ -2,10 +2,12 @@
 
 The session server tells us each recorded session's wrapper pid and sid; the tracer follows
 that process and everything that descends from it (fork events in the kernel, so double forks,
-setsid and daemons stay attributed) and reports execs, opens and connects. What the tracer
-lost is counted per session and written as `ebpf.lost`. When BPF cannot run (no BCC, no
-headers, no permission), the agent goes on without it and says why, once, in
-`agent.ebpf_unavailable`.
+setsid and daemons stay attributed) and reports execs, opens and connects. It also follows
+every sshd listener, for what a connection does outside its recordings: port forwarding, and
+what a login shell runs before the wrapper (sshtrail.connection_events sorts those into their
+sessions). What the tracer lost is counted per session and written as `ebpf.lost`. When BPF
+cannot run (no BCC, no headers, no permission), the agent goes on without it and says why,
+once, in `agent.ebpf_unavailable`.
 
 A session must be followed before its wrapper starts the user's program, or a short command
 would run unseen: the session server calls track() before it welcomes the wrapper. BCC's
@@ -17,14 +19,17 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 
 from . import events
+from .connection_events import ConnectionEvents
 from .spool import Spool
 
 log = logging.getLogger("sshtrail.agent.ebpf")
 # A 16 MiB ring buffer rides out a storm while the spool catches up; events per spool write.
 RINGBUF_PAGES = 4096
 BATCH = 4096
+LISTENERS_EVERY = 5.0  # seconds between looks for sshd listeners (a restarted sshd is new)
 
 
 class HostEvents:
@@ -39,6 +44,8 @@ class HostEvents:
         self._tracer = None
         self._keys: dict[str, int] = {}
         self._sids: dict[int, tuple[str, str]] = {}  # tracer key -> (sid, login)
+        # Longer than a PAM hook can take to write the session an event waits for.
+        self._connections = ConnectionEvents(cfg.server_id, cfg["pam.timeout"] + 5.0)
         self._thread = threading.Thread(target=self._run, name="ebpf", daemon=True)
         self._thread.start()
 
@@ -46,11 +53,17 @@ class HostEvents:
         """Follow `pid` and its descendants as session `sid` (any thread). Returns once the
         kernel follows it, if the tracer is loaded; before that, it is followed on load."""
         with self._lock:
+            self._connections.wrapper(pid)
             if self._tracer is None:
                 if not self.ready.is_set():
                     self._requests.put((pid, sid, login))
                 return
             self._track(pid, sid, login)
+
+    def session_opened(self, monitor: int, start: int, sid: str, login: str) -> None:
+        """A PAM session opened by the sshd process `monitor` (any thread)."""
+        with self._lock:
+            self._connections.opened(monitor, start, sid, login)
 
     def stop(self) -> None:
         self._stop.set()
@@ -74,13 +87,22 @@ class HostEvents:
                     self._tracer = tracer
                     while not self._requests.empty():
                         self._track(*self._requests.get_nowait())
+                next_listeners = 0.0
                 while not self._stop.is_set():
+                    now = time.monotonic()
                     with self._lock:
+                        if now >= next_listeners:
+                            next_listeners = now + LISTENERS_EVERY
+                            self._follow_listeners(tracer)
                         tracer.poll(20)
                         lost = tracer.lost()
+                        placed = self._connections.ready(spool.db, time.monotonic())
+                    self._write_placed(spool, placed)
                     self._report_lost(spool, lost)
                 with self._lock:
                     tracer.drain()
+                    placed = self._connections.ready(spool.db, time.monotonic(), final=True)
+                    self._write_placed(spool, placed)
                     self._report_lost(spool, tracer.lost())
                     self._tracer = None
         except Exception as e:  # noqa: BLE001 - the agent goes on without host events
@@ -116,43 +138,53 @@ class HostEvents:
         except ProcessLookupError:
             log.info("session %s: wrapper %d already gone, nothing to follow", sid, pid)
 
+    def _follow_listeners(self, tracer) -> None:
+        # Called with the lock held.
+        for pid in self._connections.new_listeners():
+            try:
+                tracer.track_sshd(pid)
+                log.info("following the connections of sshd %d", pid)
+            except ProcessLookupError:
+                pass
+
     def _report_lost(self, spool, lost: dict) -> None:
+        from ebpf.tracer import KEY_SSHD
         evs = []
         for key, count in lost.items():
             sid, login = self._sids.get(key, ("", ""))
             fields = {"sid": sid, "login": login} if sid else {}
+            whose = ("of the session" if sid else "of SSH connections outside their recordings"
+                     if key == KEY_SSHD else "(session unknown)")
             evs.append(events.new("ebpf.lost", count=count, **fields,
-                                  message="the tracer's buffer was full: this many host events "
-                                          + ("of the session" if sid else "(session unknown)")
-                                          + " were not captured"))
+                                  message=f"the tracer's buffer was full: this many host events "
+                                          f"{whose} were not captured"))
+        unplaced, self._connections.unplaced = self._connections.unplaced, 0
+        if unplaced:
+            evs.append(events.new("ebpf.lost", count=unplaced, message=(
+                "host events of SSH connections outside their recordings whose session could "
+                "not be found: their processes had ended before the agent looked")))
         if evs:
             spool.append(*evs)
 
     def _write(self, spool, batch: list[dict]) -> None:
+        from ebpf.tracer import KEY_SSHD
         evs = []
         for e in batch:
+            if e["key"] == KEY_SSHD:  # (called from poll(), in this thread, with the lock held)
+                self._connections.add(e, time.monotonic())
+                continue
             sid, login = self._sids.get(e["key"], (None, None))
-            if sid is None:
-                continue
-            common = {"sid": sid, "login": login, "pid": e["pid"], "program": e.get("comm", ""),
-                      "return_code": e["ret"]}
-            for flag in ("argv_truncated", "path_truncated", "path_unreadable", "argv_unreadable"):
-                if e.get(flag):
-                    common[flag] = True
-            if e["kind"] == "exec":
-                # process_uid: `uid` is every event's own id (DESIGN.md, common fields).
-                ev = events.new("session.command", at=e.get("time"), path=e["path"],
-                                argv=e["argv"], ppid=e.get("ppid", 0),
-                                process_uid=e.get("uid", 0), **common)
-            elif e["kind"] == "open":
-                ev = events.new("session.disk", at=e.get("time"), path=e["path"],
-                                flags=e["flags"], **common)
-            elif e["kind"] == "connect":
-                ev = events.new("session.network", at=e.get("time"), dst_addr=e["dst_addr"],
-                                dst_port=e["dst_port"], version=e["family"], **common)
-            else:
-                continue
-            evs.append(ev)
+            if sid is not None:
+                evs += _event(e, sid, login)
+        self._append(spool, evs)
+
+    def _write_placed(self, spool, placed) -> None:
+        evs = []
+        for e, sid, login, forwarded in placed:
+            evs += _event(e, sid, login, outside=True, forwarded=forwarded)
+        self._append(spool, evs)
+
+    def _append(self, spool, evs: list[dict]) -> None:
         if not evs:
             return
         try:
@@ -164,3 +196,26 @@ class HostEvents:
                                         message=f"captured but not written: {e}"[:500]))
             except Exception:  # noqa: BLE001 - the spool itself is failing: the log says it
                 pass
+
+
+def _event(e: dict, sid: str, login: str, **extra) -> list[dict]:
+    """The spool event of a tracer event (none for an unknown kind). `outside`: it happened in
+    the session's connection outside its recording; `forwarded`: a connect the connection's sshd
+    made for the client (port forwarding)."""
+    common = {"sid": sid, "login": login, "pid": e["pid"], "program": e.get("comm", ""),
+              "return_code": e["ret"]}
+    for flag in ("argv_truncated", "path_truncated", "path_unreadable", "argv_unreadable"):
+        if e.get(flag):
+            common[flag] = True
+    common.update((k, True) for k, v in extra.items() if v)
+    if e["kind"] == "exec":
+        # process_uid: `uid` is every event's own id (DESIGN.md, common fields).
+        return [events.new("session.command", at=e.get("time"), path=e["path"], argv=e["argv"],
+                           ppid=e.get("ppid", 0), process_uid=e.get("uid", 0), **common)]
+    if e["kind"] == "open":
+        return [events.new("session.disk", at=e.get("time"), path=e["path"], flags=e["flags"],
+                           **common)]
+    if e["kind"] == "connect":
+        return [events.new("session.network", at=e.get("time"), dst_addr=e["dst_addr"],
+                           dst_port=e["dst_port"], version=e["family"], **common)]
+    return []

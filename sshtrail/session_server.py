@@ -108,9 +108,10 @@ class SessionServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     # logins find it full, and a unix socket refuses (EAGAIN) rather than queue the connect.
     request_queue_size = 256
 
-    def __init__(self, cfg, on_session=None, strict_for=None):
+    def __init__(self, cfg, on_session=None, strict_for=None, on_login=None):
         self.cfg = cfg
         self.on_session = on_session
+        self.on_login = on_login
         self.strict_for = strict_for or cfg.strict_for  # (login, gid) -> must be recorded
         self.stopping = threading.Event()
         self._local = threading.local()
@@ -186,6 +187,8 @@ class SessionServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             hook.record(self.cfg, call, spool=spool)
         finally:
             spool.close()
+        if self.on_login and call.type == "open_session" and call.ppid_start is not None:
+            self.on_login(call.ppid, call.ppid_start, call.sid(self.cfg.server_id), call.user)
         return {"type": "ack", "seq": "pam"}
 
     def _hello(self, pid, uid, header):
@@ -305,10 +308,11 @@ def _int(value, default: int) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else default
 
 
-def serve(cfg, on_session=None, strict_for=None) -> SessionServer:
+def serve(cfg, on_session=None, strict_for=None, on_login=None) -> SessionServer:
     """Start the server on a thread of its own; stop() it when done. `on_session(pid, sid,
     login)` is told of every new session's wrapper (the host-event tracer follows it);
-    `strict_for(login, gid)` says who must be recorded (default: by `cfg`)."""
-    server = SessionServer(cfg, on_session, strict_for)
+    `strict_for(login, gid)` says who must be recorded (default: by `cfg`); `on_login(pid,
+    start, sid, login)` of every PAM session opened through the agent, by its sshd process."""
+    server = SessionServer(cfg, on_session, strict_for, on_login)
     threading.Thread(target=server.serve_forever, name="sessions", daemon=True).start()
     return server

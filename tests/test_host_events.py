@@ -103,6 +103,51 @@ def test_processes_outside_sessions_and_other_sessions_are_not_mixed(trail, tmp_
     assert not [d for d in disk if d["sid"] == sb and d["path"] == "/etc/hostname"]
 
 
+@needs_bcc
+def test_port_forwarding_and_what_a_login_shell_runs_first_belong_to_their_session(trail):
+    # ProxyJump (`ssh -W`, like -L and -D) opens no session channel: no wrapper starts, and the
+    # connect is the connection's own sshd's. tcsh runs ~/.tcshrc for `tcsh -c wrapper` before
+    # the wrapper starts. Both happen in the connection outside its recording, and are
+    # followed from sshd's fork. What the recorder itself does before its hello is not shown.
+    lab = trail.lab
+    jump, rc = lab.add_user("jump"), lab.add_user("rc", shell="/usr/bin/tcsh")
+    (rc.home / ".tcshrc").write_text("/bin/cat /etc/hostname > /dev/null\n")
+    target = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    target.bind(("127.0.0.1", 0))
+    target.listen(1)
+    port = target.getsockname()[1]
+    argv, env = lab.ssh_argv(jump, None, extra_opts=["-W", f"127.0.0.1:{port}"])
+    tunnel = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        target.settimeout(20)
+        conn, _ = target.accept()
+        conn.sendall(b"through\n")
+        assert tunnel.stdout.read(8) == b"through\n"
+        conn.close()
+    finally:
+        tunnel.stdin.close()
+        tunnel.wait(20)
+        target.close()
+    assert lab.ssh(jump, "true").returncode == 0  # a recorded session of the same user
+    assert lab.ssh(rc, "true").returncode == 0
+    starts = trail.wait_for(lambda e: len(e) >= 2, type="session.start", user=jump.login)
+    (forward,) = events_of(trail, starts[0]["sid"], "session.network")
+    assert (forward["dst_addr"], forward["dst_port"]) == ("127.0.0.1", port)
+    assert forward["forwarded"] is True and forward["program"].startswith("sshd")
+    rc_sid = session_sid(trail, rc.login)
+    ran = trail.wait_for(lambda evs: ["/bin/cat", "/etc/hostname"] in [
+        c["argv"] for c in evs if c.get("sid") == rc_sid and c.get("outside")],
+        type="session.command", what="the cat that ~/.tcshrc ran", timeout=20)
+    assert [c for c in ran if c.get("sid") == rc_sid and c.get("outside")][0]["argv"][0] == "tcsh"
+    # By now every earlier event has been placed or left out: of jump's, only the forward is
+    # outside a recording (not its wrapper's exec and imports before the hello).
+    outside = [e for e in trail.events(user=jump.login) if e.get("outside")]
+    assert outside == [forward]
+    table = trail.cli("events", "--user", jump.login, "--type", "session.network").stdout
+    # sshd connects without blocking: the call returns before the connection is made.
+    assert f"connect 127.0.0.1:{port} (in progress; forwarded by sshd for the client)" in table
+
+
 @pytest.fixture
 def trail_without_bcc(lab_factory):
     from trail import Trail

@@ -1,0 +1,162 @@
+"""Host events of SSH connections outside their recorded sessions, sorted into the sessions.
+
+The tracer follows every sshd listener (Tracer.track_sshd), so each connection's processes are
+followed from the fork that made them, not only from the wrapper's hello: the connection's own
+sshd, which opens the connections a client forwards (`ssh -L`, `-D`, and `-W`, which is what
+ProxyJump does: no session channel, so no wrapper ever starts), and what a login shell runs
+from the user's startup files before the wrapper (tcsh, fish: see sshtrail.unrecorded). Of
+root's processes there only connects come (probes.c); the wrapper, once it has said hello, and
+all it starts have their session's own key and do not pass here.
+
+Such an event comes with a pid. Its session is that of the connection's monitor, the sshd
+process under the listener that calls PAM: the sid is derived from its pid and start time, as
+the PAM hook derives it (sessionid). An event waits here until that PAM session is known -- the
+agent is told of each session the hook hands it (`opened`), 0.3 s after the login; for one
+opened while no agent ran, the spool's open sessions say it -- and at least HOLD seconds, so
+that a wrapper's own start (its exec and imports, before its hello) is known as the wrapper's
+and left out. What is not a session within `patience` -- a connection still authenticating,
+one that never logged in, one of another sshd -- has nothing to be attributed to and is
+dropped. What could not be placed because its processes were gone is counted (`unplaced`),
+for an ebpf.lost event.
+"""
+from __future__ import annotations
+
+import collections
+
+from . import procfs, sessionid
+
+HOLD = 1.0  # seconds: a wrapper says hello within tens of milliseconds of its exec
+CHECK_EVERY = 0.25  # seconds between looks at the spool for the sessions events wait for
+MAX_WAITING = 100_000  # events waiting at once; more are counted as unplaced
+REMEMBER = 4096  # connections and wrappers remembered
+
+
+class ConnectionEvents:
+    def __init__(self, server_id: str, patience: float):
+        self.server_id = server_id
+        self.boot = procfs.boot_id()
+        self.patience = patience
+        self.listeners: dict[int, int] = {}  # pid -> start time
+        self.unplaced = 0  # events whose session could not be found: their processes had gone
+        self._wrappers: dict[int, int] = {}  # pid -> start time, of wrappers that said hello
+        # pid -> (start time, connection) of processes placed before: a daemon the connection
+        # left behind is still its connection's once its parents are gone
+        self._procs: collections.OrderedDict = collections.OrderedDict()
+        self._waiting: collections.deque = collections.deque()
+        # (monitor pid, start) -> (sid, login) of connections known to be sessions of ours
+        self._sessions: collections.OrderedDict = collections.OrderedDict()
+        self._next_check = 0.0
+
+    def new_listeners(self) -> list[int]:
+        """sshd processes whose parent is not sshd, not seen before: the listeners to follow."""
+        table = procfs.table()
+        self.listeners = {p: s for p, s in self.listeners.items() if table.get(p, (0, -1))[1] == s}
+        new = []
+        for pid, (ppid, start) in table.items():
+            if pid not in self.listeners and procfs.is_sshd(pid) and not procfs.is_sshd(ppid):
+                self.listeners[pid] = start
+                new.append(pid)
+        return new
+
+    def opened(self, monitor: int, start: int, sid: str, login: str) -> None:
+        """A PAM session opened, by the connection process `monitor` (started at `start`)."""
+        self._sessions[(monitor, start)] = (sid, login)
+        if len(self._sessions) > REMEMBER:
+            self._sessions.popitem(last=False)
+
+    def wrapper(self, pid: int) -> None:
+        """`pid` is a session wrapper (it said hello): what it did before is the recorder's."""
+        try:
+            self._wrappers[pid] = procfs.start_time(pid)
+        except procfs.ProcessGone:
+            return
+        if len(self._wrappers) > REMEMBER:
+            self._wrappers = {p: s for p, s in self._wrappers.items() if _start(p) == s}
+
+    def add(self, ev: dict, now: float) -> None:
+        """An event of a KEY_SSHD process, as the tracer decoded it."""
+        pid = ev["pid"]
+        pstart = _start(pid)
+        conn = self._known(pid, pstart)
+        if conn is None:
+            conn = self._connection(pid)
+        if conn is None:
+            # Gone already, or left its connection's tree (a daemon, reparented): the process
+            # that forked it may still be there, or be known.
+            conn = self._known(ev["ppid"], _start(ev["ppid"])) or self._connection(ev["ppid"])
+        if conn is None or len(self._waiting) >= MAX_WAITING:
+            self.unplaced += 1
+            return
+        if conn[0] == pid:
+            return  # the connection's own monitor: authentication and PAM's work, root's
+        if pstart is not None:
+            self._procs[pid] = (pstart, conn)
+            if len(self._procs) > REMEMBER:
+                self._procs.popitem(last=False)
+        forwarded = ev["kind"] == "connect" and procfs.is_sshd(pid)
+        self._waiting.append((now + HOLD, now + self.patience, conn, pid, pstart, forwarded, ev))
+
+    def _known(self, pid: int, start: int | None) -> tuple[int, int] | None:
+        """The connection of a process seen before: the same one if it has the same start
+        time, or if it is gone (its pid is not yet anyone else's)."""
+        hit = self._procs.get(pid)
+        return hit[1] if hit is not None and start in (None, hit[0]) else None
+
+    def _connection(self, pid: int) -> tuple[int, int] | None:
+        """(pid, start time) of the connection's monitor, the listener's child that pid is or
+        descends from."""
+        for _ in range(64):
+            try:
+                ppid = procfs.parent(pid)
+            except procfs.ProcessGone:
+                return None
+            if ppid in self.listeners:
+                start = _start(pid)
+                return None if start is None else (pid, start)
+            if ppid <= 1:
+                return None
+            pid = ppid
+        return None
+
+    def ready(self, db, now: float, *, final: bool = False) -> list[tuple[dict, str, str, bool]]:
+        """(event, sid, login, forwarded by sshd) of the events whose session is now known.
+        `final` (the agent stops): all that can be placed now, and the rest is let go."""
+        if not self._waiting or (now < self._next_check and not final):
+            return []
+        self._next_check = now + CHECK_EVERY
+        out, keep, looked = [], collections.deque(), {}
+        for item in self._waiting:
+            due, deadline, conn, pid, pstart, forwarded, ev = item
+            if now < due and not final:
+                keep.append(item)
+                continue
+            session = self._sessions.get(conn)
+            if session is None:
+                if conn not in looked:
+                    looked[conn] = self._lookup(db, conn)
+                session = looked[conn]
+            if session is None:
+                if now < deadline and not final:
+                    keep.append(item)
+                continue  # not a session of this spool: nothing to attribute it to
+            if pstart is not None and self._wrappers.get(pid) == pstart:
+                continue  # the wrapper starting, before its hello
+            out.append((ev, session[0], session[1], forwarded))
+        self._waiting = keep
+        return out
+
+    def _lookup(self, db, conn: tuple[int, int]):
+        sid = sessionid.derive(self.server_id, self.boot, conn[0], conn[1])
+        row = db.execute("SELECT login FROM pam_sessions WHERE pid = ? AND sid = ?",
+                         (conn[0], sid)).fetchone()
+        if row is None:
+            return None
+        self.opened(conn[0], conn[1], sid, row[0])
+        return sid, row[0]
+
+
+def _start(pid: int) -> int | None:
+    try:
+        return procfs.start_time(pid)
+    except procfs.ProcessGone:
+        return None
