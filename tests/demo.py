@@ -5,9 +5,11 @@ and a recorded interactive session, and what they left, shown back from the host
 from the collector. Everything it creates (collector, sshd, PAM service file, users) is removed
 at the end; the host's own sshd is never touched."""
 import re
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -21,6 +23,22 @@ from trail import SSHTRAIL, Trail  # noqa: E402
 
 def say(text: str) -> None:
     print(f"\n== {text}", flush=True)
+
+
+def jump(lab, user, greeting: bytes):
+    """`ssh -W` to a listener on 127.0.0.1 that greets and hangs up: what ProxyJump does."""
+    target = socket.create_server(("127.0.0.1", 0))
+    port = target.getsockname()[1]
+
+    def serve():
+        conn, _ = target.accept()
+        conn.sendall(greeting)
+        conn.close()
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        return port, lab.ssh(user, None, extra_opts=["-W", f"127.0.0.1:{port}"], input=b"")
+    finally:
+        target.close()
 
 
 def main() -> int:
@@ -51,6 +69,9 @@ def main() -> int:
                     r = run()
                     out = r.stdout.decode().strip()
                     print(f"  {text}: exit {r.returncode}" + (f", printed {out!r}" if out else ""))
+                port, r = jump(lab, alice, b"hello from behind the jump host\n")
+                print(f"  alice jumps through the host to 127.0.0.1:{port} (ssh -W, what ProxyJump "
+                      f"does): exit {r.returncode}, printed {r.stdout.decode().strip()!r}")
                 # Refusals come from sshd's log, followed by the agent; give it a moment.
                 trail.wait_for(lambda evs: sum(not e["success"] for e in evs) >= 4,
                                type="user.login", what="four refusals")
@@ -79,6 +100,11 @@ def main() -> int:
                 disk = trail.cli("events", "--user", bob.login, "--type", "session.disk").stdout.splitlines()
                 shown = [r for r in disk[1:] if "/etc/" in r or "/home/" in r][:6]
                 print("\n".join(shown) + f"\n  ... {len(disk) - 1} file opens in all")
+                say("alice's jump: no session channel, so nothing to record; the connection sshd made "
+                    "for her: sshtrail events --user alice --type session.network")
+                trail.wait_for(lambda evs: any(e.get("forwarded") for e in evs), type="session.network",
+                               user=alice.login, what="alice's forwarded connection")
+                print(trail.cli("events", "--user", alice.login, "--type", "session.network").stdout.rstrip())
                 say("sshtrail sessions")
                 print(trail.cli("sessions").stdout.rstrip())
                 sid = [e for e in trail.events(type="session.recording", user=bob.login)][0]["sid"]
