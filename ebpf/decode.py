@@ -19,6 +19,7 @@ EV_EXEC = 1
 EV_EXEC_FAILED = 2
 EV_OPEN = 3
 EV_CONNECT = 4
+EV_LISTEN = 5
 
 F_ARGV_TRUNCATED = 1 << 0
 F_ARGV_UNREADABLE = 1 << 1
@@ -110,8 +111,8 @@ class Decoder:
             return self._exec(data, h, base)
         if h.kind == EV_OPEN:
             return self._open(data, h, base)
-        if h.kind == EV_CONNECT:
-            return self._connect(data, h, base)
+        if h.kind in (EV_CONNECT, EV_LISTEN):
+            return self._net(data, h, base)
         return None
 
     def _exec(self, data: bytes, h: Header, base: dict) -> dict:
@@ -150,17 +151,15 @@ class Decoder:
             ev["path_unreadable"] = True
         return ev
 
-    def _connect(self, data: bytes, h: Header, base: dict) -> dict:
+    def _net(self, data: bytes, h: Header, base: dict) -> dict:
+        """A connect (its destination) or a listen (the address the socket was bound to)."""
         e = ConnectEvent.from_buffer_copy(data)
         raw = bytes(e.addr)
         if e.family == AF_INET:
             family, addr = 4, str(ipaddress.IPv4Address(raw[:4]))
         else:
             family, addr = 6, str(ipaddress.IPv6Address(raw))
-        return {
-            "kind": "connect",
-            **base,
-            "family": family,
-            "dst_addr": addr,
-            "dst_port": int.from_bytes(e.port.to_bytes(2, "little"), "big"),
-        }
+        port = int.from_bytes(e.port.to_bytes(2, "little"), "big")
+        if h.kind == EV_LISTEN:
+            return {"kind": "listen", **base, "family": family, "addr": addr, "port": port}
+        return {"kind": "connect", **base, "family": family, "dst_addr": addr, "dst_port": port}

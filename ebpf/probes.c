@@ -48,6 +48,7 @@
 #define EV_EXEC_FAILED 2
 #define EV_OPEN 3
 #define EV_CONNECT 4
+#define EV_LISTEN 5
 
 // Event flags; mirrored in decode.py.
 #define F_ARGV_TRUNCATED  (1 << 0)   // fewer args than argc, or an arg cut at MAX_ARG_LEN
@@ -91,6 +92,8 @@ struct pending {
 BPF_HASH(pending_exec, u32, struct pending, 10240);
 BPF_HASH(pending_open, u32, struct pending, 10240);
 BPF_HASH(pending_connect, u32, struct pending, 10240);
+BPF_HASH(pending_bind, u32, struct pending, 10240);
+BPF_HASH(pending_listen, u32, struct pending, 10240);
 
 // Every event starts with this header.
 struct header {
@@ -133,6 +136,16 @@ struct connect_event {
     u32 _pad;
     u8 addr[16];    // 4 bytes used for AF_INET
 };
+
+// An address a tracked process bound a socket to, by (tgid << 32 | fd), kept until the socket
+// listens: listen(2) names only the fd, and the socket's own address lives in kernel structs.
+struct bound {
+    u16 family;
+    u16 port;
+    u32 _pad;
+    u8 addr[16];
+};
+BPF_TABLE("lru_hash", u64, struct bound, bound_socks, 10240);
 
 // Events are built in a per-CPU scratch slot, then copied into the ring buffer with only the
 // bytes used: an exec with three short arguments must not take 17 KB of the ring.
@@ -231,6 +244,8 @@ TRACEPOINT_PROBE(sched, sched_process_exit)
     pending_exec.delete(&tid);
     pending_open.delete(&tid);
     pending_connect.delete(&tid);
+    pending_bind.delete(&tid);
+    pending_listen.delete(&tid);
     if (tid != tgid)
         procs.delete(&tid);
     else if (args->group_dead)
@@ -460,6 +475,48 @@ TRACEPOINT_PROBE(syscalls, sys_enter_connect)
     return 0;
 }
 
+// Copies an IPv4 or IPv6 sockaddr of `len` bytes at `ptr` (user memory) into *b; 0 if it is
+// one, else -1 (too short, unreadable, or another family: unix sockets are not the network).
+// sockaddr_in6: family(2) port(2) flowinfo(4) addr(16) scope(4); sockaddr_in: family(2)
+// port(2) addr(4). Read only as much as the caller said it passed.
+static __always_inline int read_inet(struct bound *b, u64 ptr, u64 len)
+{
+    u8 sa[28] = {};
+    if (len > sizeof(sa))
+        len = sizeof(sa);
+    if (len < 8 || bpf_probe_read_user(sa, len & 31, (void *)ptr) < 0)
+        return -1;
+    u16 family = sa[0] | (sa[1] << 8);
+    if (family != AF_INET && family != AF_INET6)
+        return -1;
+    if (family == AF_INET6 && len < 24)
+        return -1;
+    b->family = family;
+    b->port = sa[2] | (sa[3] << 8);
+    __builtin_memset(b->addr, 0, sizeof(b->addr));
+    if (family == AF_INET)
+        __builtin_memcpy(b->addr, &sa[4], 4);
+    else
+        __builtin_memcpy(b->addr, &sa[8], 16);
+    return 0;
+}
+
+static __always_inline void submit_net(u32 kind, struct pending *saved, struct bound *b, s64 ret)
+{
+    u32 zero = 0;
+    union scratch *s = scratch_slot.lookup(&zero);
+    if (!s) {
+        count_lost(saved->key);
+        return;
+    }
+    struct connect_event *e = &s->connect;
+    fill_header(&e->h, kind, saved->key, saved->ppid, ret);
+    e->family = b->family;
+    e->port = b->port;
+    __builtin_memcpy(e->addr, b->addr, sizeof(e->addr));
+    submit(e, sizeof(*e), saved->key);
+}
+
 TRACEPOINT_PROBE(syscalls, sys_exit_connect)
 {
     u32 tid = (u32)bpf_get_current_pid_tgid();
@@ -468,37 +525,77 @@ TRACEPOINT_PROBE(syscalls, sys_exit_connect)
         return 0;
     struct pending saved = *pe;
     pending_connect.delete(&tid);
+    struct bound b = {};
+    if (read_inet(&b, saved.ptr, saved.arg) < 0)
+        return 0;   // not an IP address, or unreadable: the kernel refused it too
+    submit_net(EV_CONNECT, &saved, &b, args->ret);
+    return 0;
+}
 
-    // sockaddr_in6: family(2) port(2) flowinfo(4) addr(16) scope(4); sockaddr_in: family(2)
-    // port(2) addr(4). Read only as much as the caller said it passed.
-    u8 sa[28] = {};
-    u64 len = saved.arg;
-    if (len > sizeof(sa))
-        len = sizeof(sa);
-    if (len < 8 || bpf_probe_read_user(sa, len & 31, (void *)saved.ptr) < 0)
-        return 0;   // too short for an IP address, or unreadable: the kernel refused it too
-    u16 family = sa[0] | (sa[1] << 8);
-    if (family != AF_INET && family != AF_INET6)
-        return 0;   // unix sockets and others are not network connections
-    if (family == AF_INET6 && len < 24)
-        return 0;
+// ---- listen -------------------------------------------------------------------------------------
+// A socket listening, with the address it was bound to (port 0: the kernel chose one, which is
+// not read here). ssh -R makes the connection's sshd listen; so does any server a session runs.
 
-    u32 zero = 0;
-    union scratch *s = scratch_slot.lookup(&zero);
-    if (!s) {
-        count_lost(saved.key);
+TRACEPOINT_PROBE(syscalls, sys_enter_bind)
+{
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    struct proc *p = procs.lookup(&tgid);
+    if (!p || quiet(p))
         return 0;
-    }
-    struct connect_event *e = &s->connect;
-    fill_header(&e->h, EV_CONNECT, saved.key, saved.ppid, args->ret);
-    e->family = family;
-    e->port = sa[2] | (sa[3] << 8);
-    __builtin_memset(e->addr, 0, sizeof(e->addr));
-    if (family == AF_INET)
-        __builtin_memcpy(e->addr, &sa[4], 4);
-    else
-        __builtin_memcpy(e->addr, &sa[8], 16);
-    submit(e, sizeof(*e), saved.key);
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    struct pending pe = {.ptr = (u64)args->umyaddr, .key = p->key, .ppid = p->ppid,
+                         .arg = ((s64)(u32)args->fd << 32) | (u32)args->addrlen};
+    if (pending_bind.update(&tid, &pe) < 0)
+        count_lost(p->key);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_bind)
+{
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u32 tid = (u32)pid_tgid;
+    struct pending *pe = pending_bind.lookup(&tid);
+    if (!pe)
+        return 0;
+    struct pending saved = *pe;
+    pending_bind.delete(&tid);
+    struct bound b = {};
+    if (args->ret != 0 || read_inet(&b, saved.ptr, saved.arg & 0xffffffff) < 0)
+        return 0;
+    u64 sock = (pid_tgid & 0xffffffff00000000ULL) | (u64)(saved.arg >> 32);
+    bound_socks.update(&sock, &b);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_listen)
+{
+    u32 tgid = bpf_get_current_pid_tgid() >> 32;
+    struct proc *p = procs.lookup(&tgid);
+    if (!p || quiet(p))
+        return 0;
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    struct pending pe = {.key = p->key, .ppid = p->ppid, .arg = (u32)args->fd};
+    if (pending_listen.update(&tid, &pe) < 0)
+        count_lost(p->key);
+    return 0;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_exit_listen)
+{
+    u64 pid_tgid = bpf_get_current_pid_tgid();
+    u32 tid = (u32)pid_tgid;
+    struct pending *pe = pending_listen.lookup(&tid);
+    if (!pe)
+        return 0;
+    struct pending saved = *pe;
+    pending_listen.delete(&tid);
+    u64 sock = (pid_tgid & 0xffffffff00000000ULL) | (u64)saved.arg;
+    struct bound *b = bound_socks.lookup(&sock);
+    if (!b)
+        return 0;   // not bound to an IP address by this process (a unix socket, or inherited)
+    struct bound copy = *b;
+    bound_socks.delete(&sock);
+    submit_net(EV_LISTEN, &saved, &copy, args->ret);
     return 0;
 }
 

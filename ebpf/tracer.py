@@ -18,6 +18,8 @@ Events (dicts), each with "key", "pid", "ppid", "comm", "time" (epoch seconds) a
   exec     uid, path, argv, argv_truncated  (ret < 0: a failed exec, argv is [])
   open     path, path_truncated, flags             (ret: fd or -errno)
   connect  family (4|6), dst_addr, dst_port        (ret: 0 or -errno, -115 for non-blocking)
+  listen   family (4|6), addr, port                (the socket's bound address; port 0: the
+                                                     kernel chose it; part of kind "connect")
 Extra keys appear only when true: path_unreadable, argv_unreadable. Paths are as the process
 passed them (a relative open path stays relative: resolving it would mean walking kernel
 structs). ppid is the process that forked this one, which stays its ppid when it is reparented.

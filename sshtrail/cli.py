@@ -85,6 +85,9 @@ def _detail(ev: dict) -> str:
     if kind == "session.network":
         host = f"[{ev['dst_addr']}]" if ev["version"] == 6 else ev["dst_addr"]
         return f"connect {host}:{ev['dst_port']}" + _host_event_notes(ev)
+    if kind == "session.listen":
+        host = f"[{ev['addr']}]" if ev["version"] == 6 else ev["addr"]
+        return f"listen {host}:{ev['port'] or '(any port)'}" + _host_event_notes(ev)
     if kind == "exec":
         return f"`{ev['command']}` exit {ev.get('exit_status')}"
     if kind == "session.recording":

@@ -3,7 +3,8 @@
 The tracer follows every sshd listener (Tracer.track_sshd), so each connection's processes are
 followed from the fork that made them, not only from the wrapper's hello: the connection's own
 sshd, which opens the connections a client forwards (`ssh -L`, `-D`, and `-W`, which is what
-ProxyJump does: no session channel, so no wrapper ever starts), and what a login shell runs
+ProxyJump does: no session channel, so no wrapper ever starts) and listens for `ssh -R`, and
+what a login shell runs
 from the user's startup files before the wrapper (tcsh, fish: see sshtrail.unrecorded). Of
 root's processes there only connects come (probes.c); the wrapper, once it has said hello, and
 all it starts have their session's own key and do not pass here.
@@ -76,6 +77,8 @@ class ConnectionEvents:
     def add(self, ev: dict, now: float) -> None:
         """An event of a KEY_SSHD process, as the tracer decoded it."""
         pid = ev["pid"]
+        if pid in self.listeners:
+            return  # sshd itself, binding its port when it restarts: no connection's
         pstart = _start(pid)
         conn = self._known(pid, pstart)
         if conn is None:
@@ -93,7 +96,7 @@ class ConnectionEvents:
             self._procs[pid] = (pstart, conn)
             if len(self._procs) > REMEMBER:
                 self._procs.popitem(last=False)
-        forwarded = ev["kind"] == "connect" and procfs.is_sshd(pid)
+        forwarded = ev["kind"] in ("connect", "listen") and procfs.is_sshd(pid)
         self._waiting.append((now + HOLD, now + self.patience, conn, pid, pstart, forwarded, ev))
 
     def _known(self, pid: int, start: int | None) -> tuple[int, int] | None:

@@ -52,6 +52,10 @@ TYPES: dict[str, EventType] = {
     "session.network": EventType("T4002I", {"sid": str, "pid": int, "dst_addr": str,
                                             "dst_port": int, "version": int, "return_code": int},
                                  "a connect inside a session, or by its sshd for the client"),
+    "session.listen": EventType("ST4003I", {"sid": str, "pid": int, "addr": str, "port": int,
+                                           "version": int, "return_code": int},
+                                "a socket listening inside a session, or by its sshd for the "
+                                "client (ssh -R)"),
     "session.recording": EventType("ST2100I", {"sid": str}, "a session has a recording"),
     "session.recording_failed": EventType("ST2101W", {"sid": str, "reason": str},
                                           "a session could not be (fully) recorded"),

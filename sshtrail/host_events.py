@@ -200,8 +200,8 @@ class HostEvents:
 
 def _event(e: dict, sid: str, login: str, **extra) -> list[dict]:
     """The spool event of a tracer event (none for an unknown kind). `outside`: it happened in
-    the session's connection outside its recording; `forwarded`: a connect the connection's sshd
-    made for the client (port forwarding)."""
+    the session's connection outside its recording; `forwarded`: a connect or listen the
+    connection's sshd made for the client (port forwarding)."""
     common = {"sid": sid, "login": login, "pid": e["pid"], "program": e.get("comm", ""),
               "return_code": e["ret"]}
     for flag in ("argv_truncated", "path_truncated", "path_unreadable", "argv_unreadable"):
@@ -218,4 +218,7 @@ def _event(e: dict, sid: str, login: str, **extra) -> list[dict]:
     if e["kind"] == "connect":
         return [events.new("session.network", at=e.get("time"), dst_addr=e["dst_addr"],
                            dst_port=e["dst_port"], version=e["family"], **common)]
+    if e["kind"] == "listen":
+        return [events.new("session.listen", at=e.get("time"), addr=e["addr"], port=e["port"],
+                           version=e["family"], **common)]
     return []

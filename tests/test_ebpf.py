@@ -294,6 +294,24 @@ def test_refused_connect_reports_the_error(trace, shells):
     assert ev["dst_port"] == port and ev["ret"] == -111  # ECONNREFUSED
 
 
+@pytest.mark.parametrize("family,host", [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")])
+def test_listen_reports_the_address_it_was_bound_to(trace, shells, family, host):
+    with socket.socket(family, socket.SOCK_STREAM) as probe:  # a port that is free now
+        probe.bind((host, 0))
+        port = probe.getsockname()[1]
+    sh = shells()
+    # A bound socket that never listens (a client choosing its port) is not reported; the
+    # listening one is, with its address, after it.
+    code = (f"import socket; c = socket.socket({int(family)}); c.bind(({host!r}, 0)); "
+            f"s = socket.socket({int(family)}); s.bind(({host!r}, {port})); s.listen()")
+    sh.run(f"{PYTHON} -c \"{code}\"")
+    ev = trace.wait_for(lambda e: e["key"] == sh.key and e["kind"] == "listen")[0]
+    assert ev == {**ev, "family": 4 if family == socket.AF_INET else 6, "addr": host,
+                  "port": port, "ret": 0, "comm": "python3"}
+    time.sleep(0.3)
+    assert len([e for e in trace.events if e["key"] == sh.key and e["kind"] == "listen"]) == 1
+
+
 # -- attribution -----------------------------------------------------------------------------
 
 

@@ -106,7 +106,7 @@ def test_processes_outside_sessions_and_other_sessions_are_not_mixed(trail, tmp_
 @needs_bcc
 def test_port_forwarding_and_what_a_login_shell_runs_first_belong_to_their_session(trail):
     # ProxyJump (`ssh -W`, like -L and -D) opens no session channel: no wrapper starts, and the
-    # connect is the connection's own sshd's. tcsh runs ~/.tcshrc for `tcsh -c wrapper` before
+    # connect is the connection's own sshd's; for `ssh -R` it listens. tcsh runs ~/.tcshrc for `tcsh -c wrapper` before
     # the wrapper starts. Both happen in the connection outside its recording, and are
     # followed from sshd's fork. What the recorder itself does before its hello is not shown.
     lab = trail.lab
@@ -128,12 +128,26 @@ def test_port_forwarding_and_what_a_login_shell_runs_first_belong_to_their_sessi
         tunnel.stdin.close()
         tunnel.wait(20)
         target.close()
+    # ssh -R: the connection's sshd listens on the host.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        rport = probe.getsockname()[1]
+    argv, env = lab.ssh_argv(jump, None, extra_opts=["-N", "-R", f"127.0.0.1:{rport}:127.0.0.1:9"])
+    reverse = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    try:
+        (listen,) = trail.wait_for(lambda e: len(e) >= 1, type="session.listen",
+                                   user=jump.login, what="the port ssh -R listens on")
+    finally:
+        reverse.terminate()
+        reverse.wait(20)
     assert lab.ssh(jump, "true").returncode == 0  # a recorded session of the same user
     assert lab.ssh(rc, "true").returncode == 0
-    starts = trail.wait_for(lambda e: len(e) >= 2, type="session.start", user=jump.login)
+    starts = trail.wait_for(lambda e: len(e) >= 3, type="session.start", user=jump.login)
     (forward,) = events_of(trail, starts[0]["sid"], "session.network")
     assert (forward["dst_addr"], forward["dst_port"]) == ("127.0.0.1", port)
     assert forward["forwarded"] is True and forward["program"].startswith("sshd")
+    assert listen["sid"] == starts[1]["sid"] and listen["forwarded"] is True
+    assert (listen["addr"], listen["port"], listen["return_code"]) == ("127.0.0.1", rport, 0)
     rc_sid = session_sid(trail, rc.login)
     ran = trail.wait_for(lambda evs: ["/bin/cat", "/etc/hostname"] in [
         c["argv"] for c in evs if c.get("sid") == rc_sid and c.get("outside")],
@@ -142,10 +156,12 @@ def test_port_forwarding_and_what_a_login_shell_runs_first_belong_to_their_sessi
     # By now every earlier event has been placed or left out: of jump's, only the forward is
     # outside a recording (not its wrapper's exec and imports before the hello).
     outside = [e for e in trail.events(user=jump.login) if e.get("outside")]
-    assert outside == [forward]
+    assert sorted(outside, key=lambda e: e["time"]) == [forward, listen]
     table = trail.cli("events", "--user", jump.login, "--type", "session.network").stdout
     # sshd connects without blocking: the call returns before the connection is made.
     assert f"connect 127.0.0.1:{port} (in progress; forwarded by sshd for the client)" in table
+    table = trail.cli("events", "--user", jump.login, "--type", "session.listen").stdout
+    assert f"listen 127.0.0.1:{rport} (forwarded by sshd for the client)" in table
 
 
 @pytest.fixture
