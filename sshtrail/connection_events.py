@@ -43,7 +43,10 @@ class ConnectionEvents:
         # pid -> (start time, connection) of processes placed before: a daemon the connection
         # left behind is still its connection's once its parents are gone
         self._procs: collections.OrderedDict = collections.OrderedDict()
-        self._waiting: collections.deque = collections.deque()
+        # connection -> deque of (due, deadline, pid, start, forwarded, event), oldest first:
+        # a look costs a lookup per connection with something due, not a pass over all events
+        self._waiting: dict[tuple[int, int], collections.deque] = {}
+        self._count = 0  # events waiting
         # (monitor pid, start) -> (sid, login) of connections known to be sessions of ours
         self._sessions: collections.OrderedDict = collections.OrderedDict()
         self._next_check = 0.0
@@ -87,7 +90,7 @@ class ConnectionEvents:
             # Gone already, or left its connection's tree (a daemon, reparented): the process
             # that forked it may still be there, or be known.
             conn = self._known(ev["ppid"], _start(ev["ppid"])) or self._connection(ev["ppid"])
-        if conn is None or len(self._waiting) >= MAX_WAITING:
+        if conn is None or self._count >= MAX_WAITING:
             self.unplaced += 1
             return
         if conn[0] == pid:
@@ -97,7 +100,9 @@ class ConnectionEvents:
             if len(self._procs) > REMEMBER:
                 self._procs.popitem(last=False)
         forwarded = ev["kind"] in ("connect", "listen") and procfs.is_sshd(pid)
-        self._waiting.append((now + HOLD, now + self.patience, conn, pid, pstart, forwarded, ev))
+        self._waiting.setdefault(conn, collections.deque()).append(
+            (now + HOLD, now + self.patience, pid, pstart, forwarded, ev))
+        self._count += 1
 
     def _known(self, pid: int, start: int | None) -> tuple[int, int] | None:
         """The connection of a process seen before: the same one if it has the same start
@@ -127,25 +132,22 @@ class ConnectionEvents:
         if not self._waiting or (now < self._next_check and not final):
             return []
         self._next_check = now + CHECK_EVERY
-        out, keep, looked = [], collections.deque(), {}
-        for item in self._waiting:
-            due, deadline, conn, pid, pstart, forwarded, ev = item
-            if now < due and not final:
-                keep.append(item)
-                continue
-            session = self._sessions.get(conn)
-            if session is None:
-                if conn not in looked:
-                    looked[conn] = self._lookup(db, conn)
-                session = looked[conn]
-            if session is None:
-                if now < deadline and not final:
-                    keep.append(item)
-                continue  # not a session of this spool: nothing to attribute it to
-            if pstart is not None and self._wrappers.get(pid) == pstart:
-                continue  # the wrapper starting, before its hello
-            out.append((ev, session[0], session[1], forwarded))
-        self._waiting = keep
+        out = []
+        for conn in list(self._waiting):
+            items = self._waiting[conn]
+            if now < items[0][0] and not final:
+                continue  # nothing due yet
+            session = self._sessions.get(conn) or self._lookup(db, conn)
+            while items and (final or now >= (items[0][1] if session is None else items[0][0])):
+                _, _, pid, pstart, forwarded, ev = items.popleft()
+                self._count -= 1
+                if session is None:
+                    continue  # not a session of this spool: nothing to attribute it to
+                if pstart is not None and self._wrappers.get(pid) == pstart:
+                    continue  # the wrapper starting, before its hello
+                out.append((ev, session[0], session[1], forwarded))
+            if not items:
+                del self._waiting[conn]
         return out
 
     def _lookup(self, db, conn: tuple[int, int]):

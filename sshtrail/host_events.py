@@ -89,11 +89,14 @@ class HostEvents:
                         self._track(*self._requests.get_nowait())
                 next_listeners = 0.0
                 while not self._stop.is_set():
-                    now = time.monotonic()
+                    now, listeners = time.monotonic(), []
+                    if now >= next_listeners:
+                        # Read from /proc outside the lock: a wrapper's hello waits for it.
+                        next_listeners = now + LISTENERS_EVERY
+                        listeners = self._connections.new_listeners()
                     with self._lock:
-                        if now >= next_listeners:
-                            next_listeners = now + LISTENERS_EVERY
-                            self._follow_listeners(tracer)
+                        for pid in listeners:
+                            self._follow(tracer, pid)
                         tracer.poll(20)
                         lost = tracer.lost()
                         placed = self._connections.ready(spool.db, time.monotonic())
@@ -138,14 +141,13 @@ class HostEvents:
         except ProcessLookupError:
             log.info("session %s: wrapper %d already gone, nothing to follow", sid, pid)
 
-    def _follow_listeners(self, tracer) -> None:
+    def _follow(self, tracer, listener: int) -> None:
         # Called with the lock held.
-        for pid in self._connections.new_listeners():
-            try:
-                tracer.track_sshd(pid)
-                log.info("following the connections of sshd %d", pid)
-            except ProcessLookupError:
-                pass
+        try:
+            tracer.track_sshd(listener)
+            log.info("following the connections of sshd %d", listener)
+        except ProcessLookupError:
+            pass
 
     def _report_lost(self, spool, lost: dict) -> None:
         from ebpf.tracer import KEY_SSHD
