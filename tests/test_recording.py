@@ -356,6 +356,27 @@ def test_user_environment_and_rc_cannot_run_code_around_the_wrapper(trail):
     assert ev["command"].startswith("echo in")
 
 
+def test_a_permissive_sshd_config_lets_no_environment_reach_the_wrapper(trail_factory):
+    # An operator's sshd may take any variable from the client (AcceptEnv *) and read
+    # ~/.ssh/environment (PermitUserEnvironment yes): sshtrail's SetEnv still wins over both.
+    trail = trail_factory(extra_sshd_config="AcceptEnv *\nPermitUserEnvironment yes\n")
+    lab = trail.lab
+    user = shell_user(lab)
+    marker = user.home / "escaped"
+    (user.home / "evil.c").write_text('#include <stdlib.h>\n__attribute__((constructor)) static '
+                                      f'void f(void) {{ system("touch {marker}"); }}\n')
+    subprocess.run(["gcc", "-shared", "-fPIC", "-o", str(user.home / "evil.so"),
+                    str(user.home / "evil.c")], check=True)
+    preload = f"LD_PRELOAD={user.home}/evil.so"
+    check = "echo in; env | grep -c '^LD_PRELOAD=' || true"
+    r = lab.ssh(user, check, extra_opts=["-o", f"SetEnv={preload}"])  # sent by the client
+    assert r.stdout == b"in\n0\n" and not marker.exists(), r.stderr
+    (user.home / ".ssh" / "environment").write_text(preload + "\n")
+    r = lab.ssh(user, check)
+    assert r.stdout == b"in\n0\n" and not marker.exists(), r.stderr
+    assert len(trail.wait_for(lambda e: len(e) >= 2, type="exec", user=user.login)) == 2
+
+
 @pytest.mark.parametrize("shell,startup_file,execution_string", [
     ("/bin/bash", ".bashrc", "BASH_EXECUTION_STRING"),
     ("/usr/bin/zsh", ".zshenv", "ZSH_EXECUTION_STRING"),
