@@ -61,8 +61,8 @@ class AgentClient:
         self._reader = wire.Reader()
         self._next_retry = 0.0
         # When tick() has work: the pending batch is due, or a lost agent is to be tried again
-        # with something to deliver (monotonic seconds), else None. Kept up to date, so the
-        # relay's pass needs no call to learn its poll timeout.
+        # (monotonic seconds), else None. Kept up to date, so the relay's pass needs no call to
+        # learn its poll timeout.
         self.wake_at: float | None = None
         self.dropped_bytes = 0
         self.out_bytes = 0
@@ -129,7 +129,10 @@ class AgentClient:
 
     def _rewake(self) -> None:
         wake = self._due if self._pos else None
-        if self.sock is None and self.refused is None and (self._unacked or self._pos):
+        # A lost agent is asked again with nothing to deliver too: a restarted agent learns from
+        # the resume that the session lives on, and follows its processes again (eBPF).
+        if self.sock is None and self.refused is None and (self._unacked or self._pos
+                                                           or self.lost_agent):
             wake = self._next_retry if wake is None else min(wake, self._next_retry)
         self.wake_at = wake
 

@@ -77,8 +77,10 @@ class ConnectionEvents:
         if len(self._wrappers) > REMEMBER:
             self._wrappers = {p: s for p, s in self._wrappers.items() if _start(p) == s}
 
-    def add(self, ev: dict, now: float) -> None:
-        """An event of a KEY_SSHD process, as the tracer decoded it."""
+    def add(self, ev: dict, now: float, db=None) -> None:
+        """An event of a KEY_SSHD process, as the tracer decoded it. `db`: the spool, to look
+        for its session now, while it is surely open (one that closes within HOLD would be gone
+        from pam_sessions by the time ready() looks)."""
         pid = ev["pid"]
         if pid in self.listeners:
             return  # sshd itself, binding its port when it restarts: no connection's
@@ -99,6 +101,8 @@ class ConnectionEvents:
             self._procs[pid] = (pstart, conn)
             if len(self._procs) > REMEMBER:
                 self._procs.popitem(last=False)
+        if db is not None and conn not in self._sessions:
+            self._lookup(db, conn)
         forwarded = ev["kind"] in ("connect", "listen") and procfs.is_sshd(pid)
         self._waiting.setdefault(conn, collections.deque()).append(
             (now + HOLD, now + self.patience, pid, pstart, forwarded, ev))

@@ -173,7 +173,7 @@ class HostEvents:
         evs = []
         for e in batch:
             if e["key"] == KEY_SSHD:  # (called from poll(), in this thread, with the lock held)
-                self._connections.add(e, time.monotonic())
+                self._connections.add(e, time.monotonic(), spool.db)
                 continue
             sid, login = self._sids.get(e["key"], (None, None))
             if sid is not None:

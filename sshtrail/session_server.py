@@ -226,7 +226,7 @@ class SessionServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
                                                f"started: {header['late']}"[:1000]))
         session = {"sid": sid, "login": login, "pid": pid}
         log.info("recording %s for %s (wrapper pid %d)", sid, login, pid)
-        if self.on_session and not resume:
+        if self.on_session:  # a resume too: this may be a new agent, whose tracer never knew it
             self.on_session(pid, sid, login)
         return {"type": "welcome", "sid": sid}, session
 

@@ -1,4 +1,5 @@
 """The wrapper's side of the agent protocol, against a stand-in agent on a real unix socket."""
+import os
 import socket
 import threading
 import time
@@ -158,3 +159,38 @@ def test_a_refused_wrapper_neither_asks_again_nor_holds_output(tmp_path):
     assert not client.finish({"exit_status": 0}, timeout=1.0)
     thread.join(5)
     assert len(hellos) == 1
+
+
+def test_a_lost_agent_is_asked_again_with_nothing_to_deliver(tmp_path):
+    # A session that prints nothing still comes back to a restarted agent within a second: the
+    # resume tells it the session lives on, and its tracer follows the session again.
+    path = str(tmp_path / "agent.sock")
+    hellos = []
+
+    def agent(srv, answer: bool):
+        with srv:
+            conn, _ = srv.accept()
+            with conn:
+                (header, _), = wire.Reader().recv_from(conn)
+                hellos.append(header)
+                conn.sendall(wire.pack({"type": "welcome", "sid": "s1"}))
+                if answer:
+                    conn.recv(1)  # until the wrapper goes
+    first = threading.Thread(target=agent, args=(listening(path, 1), False), daemon=True)
+    first.start()
+    client = AgentClient(path, default_hello("exec", "sleep 60", 80, 24), batch_s=0.05,
+                         batch_bytes=1 << 20, buffer_bytes=1 << 20)
+    assert client.connect()
+    first.join(5)  # that agent is gone
+    client.pump_read()
+    assert client.sock is None and client.lost_agent
+    assert client.wake_at is not None and client.wake_at <= time.monotonic() + 1.0
+    os.unlink(path)
+    second = threading.Thread(target=agent, args=(listening(path, 1), True), daemon=True)
+    second.start()
+    time.sleep(max(0.0, client.wake_at - time.monotonic()))
+    client.tick()
+    assert client.sock is not None
+    assert [h.get("resume") for h in hellos] == [None, "s1"]
+    client.sock.close()
+    second.join(5)

@@ -164,6 +164,28 @@ def test_port_forwarding_and_what_a_login_shell_runs_first_belong_to_their_sessi
     assert f"listen 127.0.0.1:{rport} (forwarded by sshd for the client)" in table
 
 
+@needs_bcc
+def test_a_session_is_followed_again_by_an_agent_restarted_under_it(trail):
+    # The new agent's tracer knows nothing of the session until its wrapper comes back, which
+    # it does within a second though it has nothing to deliver (this session prints nothing).
+    user = trail.lab.add_user("again")
+    argv, env = trail.lab.ssh_argv(user, "sleep 8; cat /etc/hostname >/dev/null")
+    session = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        sid = session_sid(trail, user.login)
+        trail.wait_for(lambda e: len(e) >= 1, type="session.command", user=user.login,
+                       what="the session's first command")
+        trail.stop_agent()
+        trail.start_agent()  # returns once its tracer is loaded
+        assert session.wait(30) == 0
+    finally:
+        session.kill()
+    evs = trail.wait_for(lambda evs: any(e["argv"] == ["cat", "/etc/hostname"] for e in evs),
+                         type="session.command", user=user.login, what="the later command")
+    (cat,) = [e for e in evs if e["argv"] == ["cat", "/etc/hostname"]]
+    assert cat["sid"] == sid and "outside" not in cat  # in its recording, as before the restart
+
+
 @pytest.fixture
 def trail_without_bcc(lab_factory):
     from trail import Trail
