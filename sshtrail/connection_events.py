@@ -77,36 +77,47 @@ class ConnectionEvents:
         if len(self._wrappers) > REMEMBER:
             self._wrappers = {p: s for p, s in self._wrappers.items() if _start(p) == s}
 
-    def add(self, ev: dict, now: float, db=None) -> None:
-        """An event of a KEY_SSHD process, as the tracer decoded it. `db`: the spool, to look
-        for its session now, while it is surely open (one that closes within HOLD would be gone
+    def add(self, evs: list[dict], now: float, db=None) -> None:
+        """Events of KEY_SSHD processes, as the tracer decoded them (one poll's: a process's
+        place is found once per batch, not per event). `db`: the spool, to look for their
+        sessions now, while they are surely open (one that closes within HOLD would be gone
         from pam_sessions by the time ready() looks)."""
-        pid = ev["pid"]
-        if pid in self.listeners:
-            return  # sshd itself, binding its port when it restarts: no connection's
+        places: dict[int, tuple | None] = {}
+        for ev in evs:
+            pid = ev["pid"]
+            if pid in self.listeners:
+                continue  # sshd itself, binding its port when it restarts: no connection's
+            if pid not in places:
+                places[pid] = self._place(pid, ev["ppid"], db)
+            place = places[pid]
+            if place is None or self._count >= MAX_WAITING:
+                self.unplaced += 1
+                continue
+            pstart, conn = place
+            if conn[0] == pid:
+                continue  # the connection's own monitor: authentication and PAM's work, root's
+            forwarded = ev["kind"] in ("connect", "listen") and procfs.is_sshd(pid)
+            self._waiting.setdefault(conn, collections.deque()).append(
+                (now + HOLD, now + self.patience, pid, pstart, forwarded, ev))
+            self._count += 1
+
+    def _place(self, pid: int, ppid: int, db) -> tuple[int | None, tuple[int, int]] | None:
+        """(start time, connection) of a process, or None if its connection cannot be found."""
         pstart = _start(pid)
-        conn = self._known(pid, pstart)
-        if conn is None:
-            conn = self._connection(pid)
+        conn = self._known(pid, pstart) or self._connection(pid)
         if conn is None:
             # Gone already, or left its connection's tree (a daemon, reparented): the process
             # that forked it may still be there, or be known.
-            conn = self._known(ev["ppid"], _start(ev["ppid"])) or self._connection(ev["ppid"])
-        if conn is None or self._count >= MAX_WAITING:
-            self.unplaced += 1
-            return
-        if conn[0] == pid:
-            return  # the connection's own monitor: authentication and PAM's work, root's
-        if pstart is not None:
+            conn = self._known(ppid, _start(ppid)) or self._connection(ppid)
+        if conn is None:
+            return None
+        if pstart is not None and conn[0] != pid:
             self._procs[pid] = (pstart, conn)
             if len(self._procs) > REMEMBER:
                 self._procs.popitem(last=False)
         if db is not None and conn not in self._sessions:
             self._lookup(db, conn)
-        forwarded = ev["kind"] in ("connect", "listen") and procfs.is_sshd(pid)
-        self._waiting.setdefault(conn, collections.deque()).append(
-            (now + HOLD, now + self.patience, pid, pstart, forwarded, ev))
-        self._count += 1
+        return pstart, conn
 
     def _known(self, pid: int, start: int | None) -> tuple[int, int] | None:
         """The connection of a process seen before: the same one if it has the same start

@@ -170,14 +170,16 @@ class HostEvents:
 
     def _write(self, spool, batch: list[dict]) -> None:
         from ebpf.tracer import KEY_SSHD
-        evs = []
+        evs, outside = [], []
         for e in batch:
-            if e["key"] == KEY_SSHD:  # (called from poll(), in this thread, with the lock held)
-                self._connections.add(e, time.monotonic(), spool.db)
+            if e["key"] == KEY_SSHD:
+                outside.append(e)
                 continue
             sid, login = self._sids.get(e["key"], (None, None))
             if sid is not None:
                 evs += _event(e, sid, login)
+        if outside:  # (called from poll(), in this thread, with the lock held)
+            self._connections.add(outside, time.monotonic(), spool.db)
         self._append(spool, evs)
 
     def _write_placed(self, spool, placed) -> None:

@@ -52,7 +52,7 @@ def sid_of(monitor):
 def test_an_event_waits_for_its_session_and_is_placed_in_it(tree, db):
     monitor, child = tree
     c = conns()
-    c.add(ev(child), now=100.0)
+    c.add([ev(child)], now=100.0)
     assert c.ready(db, now=100.5) == []  # held: a wrapper may still say hello
     assert c.ready(db, now=102.0) == []  # no session yet: it waits
     db.execute("INSERT INTO pam_sessions VALUES ('c', ?, ?, 'alice', 0)",
@@ -61,7 +61,7 @@ def test_an_event_waits_for_its_session_and_is_placed_in_it(tree, db):
     assert placed[1:] == (sid_of(monitor), "alice", False)
     # Known now: the session's row may go (it closed), later events still find it.
     db.execute("DELETE FROM pam_sessions")
-    c.add(ev(child, kind="connect"), now=104.0)
+    c.add([ev(child, kind="connect")], now=104.0)
     assert [p[1] for p in c.ready(db, now=105.5)] == [sid_of(monitor)]
 
 
@@ -69,15 +69,15 @@ def test_a_session_the_agent_was_told_of_needs_no_row(tree, db):
     monitor, child = tree
     c = conns()
     c.opened(monitor, procfs.start_time(monitor), "told-sid", "bob")
-    c.add(ev(child), now=100.0)
+    c.add([ev(child)], now=100.0)
     assert [p[1:3] for p in c.ready(db, now=101.5)] == [("told-sid", "bob")]
 
 
 def test_what_is_no_session_is_let_go_and_the_monitor_itself_is_not_reported(tree, db):
     monitor, child = tree
     c = conns(patience=5.0)
-    c.add(ev(monitor, kind="connect"), now=100.0)  # authentication's, PAM's: root's own work
-    c.add(ev(child), now=100.0)
+    c.add([ev(monitor, kind="connect")], now=100.0)  # authentication's, PAM's: root's own work
+    c.add([ev(child)], now=100.0)
     assert c.ready(db, now=104.0) == [] and len(c._waiting) == 1
     assert c.ready(db, now=106.0) == [] and len(c._waiting) == 0  # never a session
     assert c.unplaced == 0
@@ -87,7 +87,7 @@ def test_the_wrappers_own_start_is_left_out(tree, db):
     monitor, child = tree
     c = conns()
     c.opened(monitor, procfs.start_time(monitor), "s", "carol")
-    c.add(ev(child, kind="exec"), now=100.0)  # its exec of the ForceCommand, its imports
+    c.add([ev(child, kind="exec")], now=100.0)  # its exec of the ForceCommand, its imports
     c.wrapper(child)  # then its hello
     assert c.ready(db, now=101.5) == []
 
@@ -98,9 +98,9 @@ def test_a_gone_process_is_found_through_its_parent_or_counted(tree, db):
     c.opened(monitor, procfs.start_time(monitor), "s", "dave")
     gone = subprocess.Popen(["true"])
     gone.wait()
-    c.add(ev(gone.pid, ppid=child), now=100.0)  # forked by a process that is still there
+    c.add([ev(gone.pid, ppid=child)], now=100.0)  # forked by a process that is still there
     assert [p[1] for p in c.ready(db, now=101.5)] == ["s"]
-    c.add(ev(gone.pid, ppid=gone.pid), now=102.0)  # nothing left to find its connection by
+    c.add([ev(gone.pid, ppid=gone.pid)], now=102.0)  # nothing left to find its connection by
     assert c.unplaced == 1 and c.ready(db, now=104.0) == []
 
 
@@ -120,9 +120,9 @@ def test_a_process_placed_before_stays_in_its_connection_once_out_of_its_tree(tr
     monitor, child = tree
     c = conns()
     c.opened(monitor, procfs.start_time(monitor), "s", "erin")
-    c.add(ev(child), now=100.0)
+    c.add([ev(child)], now=100.0)
     c.listeners = {}  # now nothing leads from the child to a listener
-    c.add(ev(child), now=100.1)
-    c.add(ev(os.getpid()), now=100.2)  # a process never seen: nowhere to go
+    c.add([ev(child)], now=100.1)
+    c.add([ev(os.getpid())], now=100.2)  # a process never seen: nowhere to go
     assert [p[1] for p in c.ready(db, now=101.5)] == ["s", "s"]
     assert c.unplaced == 1
