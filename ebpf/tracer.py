@@ -296,6 +296,17 @@ class Tracer:
             self._lost.pop(self._lost.Key(key), None)
         return len(gone)
 
+    def forget(self, key: int) -> int:
+        """Drop the lost counter of a session none of whose processes is followed any more;
+        returns what it counted that lost() has not returned yet."""
+        leaf = self._lost.get(self._lost.Key(key))
+        n = self._lost_pending.pop(key, 0)
+        if leaf is not None:
+            n += leaf.value - self._lost_seen.get(key, 0)
+            self._lost.pop(self._lost.Key(key), None)
+        self._lost_seen.pop(key, None)
+        return n
+
     def tracked(self) -> dict[int, int]:
         """{pid: key} of the processes (and threads) followed now."""
         return {k.value: v.key for k, v in self._procs.items()}

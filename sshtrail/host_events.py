@@ -30,11 +30,16 @@ log = logging.getLogger("sshtrail.agent.ebpf")
 RINGBUF_PAGES = 4096
 BATCH = 4096
 LISTENERS_EVERY = 5.0  # seconds between looks for sshd listeners (a restarted sshd is new)
+# Seconds between looks for sessions none of whose processes is followed any more: one found so
+# twice in a row is forgotten (its events have been read by then), so that an agent that runs
+# for years does not keep every session it ever saw.
+SWEEP_EVERY = 60.0
 
 
 class HostEvents:
-    def __init__(self, cfg):
+    def __init__(self, cfg, *, sweep_every: float = SWEEP_EVERY):
         self.cfg = cfg
+        self.sweep_every = sweep_every
         self.reason: str | None = None
         self.ready = threading.Event()  # set once the tracer is loaded, or known unavailable
         self.loaded = False
@@ -44,6 +49,8 @@ class HostEvents:
         self._tracer = None
         self._keys: dict[str, int] = {}
         self._sids: dict[int, tuple[str, str]] = {}  # tracer key -> (sid, login)
+        self._next_key = 1
+        self._gone: set[int] = set()  # keys with no process at the last sweep
         # Longer than a PAM hook can take to write the session an event waits for.
         self._connections = ConnectionEvents(cfg.server_id, cfg["pam.timeout"] + 5.0)
         self._thread = threading.Thread(target=self._run, name="ebpf", daemon=True)
@@ -64,6 +71,11 @@ class HostEvents:
         """A PAM session opened by the sshd process `monitor` (any thread)."""
         with self._lock:
             self._connections.opened(monitor, start, sid, login)
+
+    def sessions_known(self) -> int:
+        """Sessions whose sid the tracer's events are matched against now."""
+        with self._lock:
+            return len(self._sids)
 
     def stop(self) -> None:
         self._stop.set()
@@ -87,7 +99,7 @@ class HostEvents:
                     self._tracer = tracer
                     while not self._requests.empty():
                         self._track(*self._requests.get_nowait())
-                next_listeners = 0.0
+                next_listeners, next_sweep = 0.0, time.monotonic() + self.sweep_every
                 while not self._stop.is_set():
                     now, listeners = time.monotonic(), []
                     if now >= next_listeners:
@@ -100,8 +112,12 @@ class HostEvents:
                         tracer.poll(20)
                         lost = tracer.lost()
                         placed = self._connections.ready(spool.db, time.monotonic())
+                        forgotten = {}
+                        if now >= next_sweep:
+                            next_sweep = now + self.sweep_every
+                            forgotten = self._sweep(tracer, lost)
                     self._write_placed(spool, placed)
-                    self._report_lost(spool, lost)
+                    self._report_lost(spool, lost, forgotten)
                 with self._lock:
                     tracer.drain()
                     placed = self._connections.ready(spool.db, time.monotonic(), final=True)
@@ -134,12 +150,31 @@ class HostEvents:
 
     def _track(self, pid: int, sid: str, login: str) -> None:
         # Called with the lock held.
-        key = self._keys.setdefault(sid, len(self._keys) + 1)
+        key = self._keys.get(sid)
+        if key is None:
+            key = self._keys[sid] = self._next_key
+            self._next_key += 1
         self._sids[key] = (sid, login)
         try:
             self._tracer.track(pid, key)
         except ProcessLookupError:
             log.info("session %s: wrapper %d already gone, nothing to follow", sid, pid)
+
+    def _sweep(self, tracer, lost: dict) -> dict[int, tuple[str, str]]:
+        """Forget the sessions that had no process followed at this sweep and the one before;
+        what their counters still held joins `lost`. Returns {key: (sid, login)} of those."""
+        # Called with the lock held.
+        alive = set(tracer.tracked().values())
+        gone = {key for key in self._sids if key not in alive}
+        forgotten = {}
+        for key in gone & self._gone:
+            n = tracer.forget(key)
+            if n:
+                lost[key] = lost.get(key, 0) + n
+            forgotten[key] = self._sids.pop(key)
+            self._keys.pop(forgotten[key][0], None)
+        self._gone = gone - forgotten.keys()
+        return forgotten
 
     def _follow(self, tracer, listener: int) -> None:
         # Called with the lock held.
@@ -149,11 +184,11 @@ class HostEvents:
         except ProcessLookupError:
             pass
 
-    def _report_lost(self, spool, lost: dict) -> None:
+    def _report_lost(self, spool, lost: dict, forgotten: dict | None = None) -> None:
         from ebpf.tracer import KEY_SSHD
         evs = []
         for key, count in lost.items():
-            sid, login = self._sids.get(key, ("", ""))
+            sid, login = self._sids.get(key) or (forgotten or {}).get(key, ("", ""))
             fields = {"sid": sid, "login": login} if sid else {}
             whose = ("of the session" if sid else "of SSH connections outside their recordings"
                      if key == KEY_SSHD else "(session unknown)")

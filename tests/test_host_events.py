@@ -186,6 +186,47 @@ def test_a_session_is_followed_again_by_an_agent_restarted_under_it(trail):
     assert cat["sid"] == sid and "outside" not in cat  # in its recording, as before the restart
 
 
+@needs_bcc
+def test_sessions_whose_processes_are_all_gone_are_forgotten(tmp_path):
+    # An agent runs for years: it must not keep every session it ever followed. A session with
+    # a process still running (a daemon it left) is kept, and its events still come.
+    import json
+    from sshtrail import config, host_events
+    from sshtrail.spool import Spool
+    cfg = config.parse(f'[spool]\npath = {json.dumps(str(tmp_path / "spool.db"))}\n'
+                       '[ebpf]\nenabled = true\n')
+    hosts = host_events.HostEvents(cfg, sweep_every=0.3)
+    daemon = subprocess.Popen(["sh", "-c", "read x; cat /etc/hostname >/dev/null"],
+                              stdin=subprocess.PIPE)
+    try:
+        assert hosts.ready.wait(120) and hosts.loaded, hosts.reason
+        for i in range(3):
+            short = subprocess.Popen(["sleep", "0.2"])
+            hosts.track(short.pid, f"short-{i}", "u")
+            short.wait()
+        hosts.track(daemon.pid, "lives-on", "u")
+        deadline = time.monotonic() + 10
+        while hosts.sessions_known() > 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert hosts.sessions_known() == 1
+        daemon.communicate(b"go\n", timeout=10)
+        spool = Spool(str(tmp_path / "spool.db"))
+        try:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                rows = spool.db.execute("SELECT sid FROM events WHERE event = 'session.command'"
+                                        ).fetchall()
+                if ("lives-on",) in rows:
+                    break
+                time.sleep(0.1)
+            assert ("lives-on",) in rows
+        finally:
+            spool.close()
+    finally:
+        daemon.kill()
+        hosts.stop()
+
+
 @pytest.fixture
 def trail_without_bcc(lab_factory):
     from trail import Trail
