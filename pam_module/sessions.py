@@ -6,7 +6,8 @@ looks at the rows in its look for unrecorded processes, every few seconds: a row
 no longer the process that opened it (its pid is gone, taken by another process, or of another
 boot: the sid is derived from pid, start time and boot) is ended once it has been so for
 `grace` seconds, longer than a close hook can still take, with a `session.end` that says what
-is not known. Exactly one `session.end` either way: the row's deletion and the event are one
+is not known: when this agent saw the sshd alive at a look and gone at a later one, the end
+lies between (ended_after, ended_before, and duration_at_most from the session's start). Exactly one `session.end` either way: the row's deletion and the event are one
 transaction, and the event is dropped if the close hook got there first.
 """
 from __future__ import annotations
@@ -18,6 +19,10 @@ from sshtrail import events, procfs, sessionid
 
 MESSAGE = ("the session ended without PAM's close_session (sshd was killed, or the host went "
            "down): its end is when the agent found its sshd gone, not when it ended")
+# When the agent saw the sshd alive at one look and gone at the next, the end lies between.
+BOUNDED = ("the session ended without PAM's close_session (sshd was killed): between "
+           "ended_after, when the agent last saw its sshd, and ended_before, when it found it "
+           "gone")
 
 
 class _ClosedMeanwhile(Exception):
@@ -27,23 +32,37 @@ class _ClosedMeanwhile(Exception):
 class UnclosedSessions:
     def __init__(self, grace: float):
         self.grace = grace
-        self._gone_since: dict[tuple[str, int], float] = {}
+        # (conn, pid) -> when its sshd was first found gone: (monotonic, wall clock)
+        self._gone_since: dict[tuple[str, int], tuple[float, float]] = {}
+        self._alive_at: dict[tuple[str, int], float] = {}  # -> when last seen (wall clock)
 
-    def reap(self, spool, now: float | None = None) -> list[dict]:
-        """End the sessions whose sshd has been gone for `grace` seconds; the events written."""
+    def reap(self, spool, now: float | None = None, wall: float | None = None) -> list[dict]:
+        """End the sessions whose sshd has been gone for `grace` seconds; the events written.
+        `now`: monotonic seconds, `wall`: time.time(), of this look."""
         now = time.monotonic() if now is None else now
-        rows = spool.db.execute("SELECT conn, pid, sid, login FROM pam_sessions").fetchall()
+        wall = time.time() if wall is None else wall
+        rows = spool.db.execute("SELECT conn, pid, sid, login, started FROM pam_sessions"
+                                ).fetchall()
         boot = procfs.boot_id()
         seen, written = set(), []
-        for conn, pid, sid, login in rows:
+        for conn, pid, sid, login, started in rows:
             key = (conn, pid)
             seen.add(key)
             if _opened_by(spool.server_id, boot, pid, sid):
                 self._gone_since.pop(key, None)
+                self._alive_at[key] = wall
                 continue
-            if now - self._gone_since.setdefault(key, now) < self.grace:
+            gone_at, gone_wall = self._gone_since.setdefault(key, (now, wall))
+            if now - gone_at < self.grace:
                 continue
-            ev = events.new("session.end", login=login, sid=sid, message=MESSAGE)
+            alive = self._alive_at.get(key)
+            if alive is None:  # not seen alive by this agent: it may have ended at any time
+                ev = events.new("session.end", login=login, sid=sid, message=MESSAGE)
+            else:
+                ev = events.new("session.end", login=login, sid=sid, message=BOUNDED,
+                                ended_after=events.format_time(alive),
+                                ended_before=events.format_time(gone_wall),
+                                duration_at_most=round(max(0.0, gone_wall - started), 3))
             addr = _addr(conn)
             if addr:
                 ev["addr.remote"] = addr
@@ -54,7 +73,9 @@ class UnclosedSessions:
             else:
                 written.append(ev)
             self._gone_since.pop(key, None)
+            self._alive_at.pop(key, None)
         self._gone_since = {k: t for k, t in self._gone_since.items() if k in seen}
+        self._alive_at = {k: t for k, t in self._alive_at.items() if k in seen}
         return written
 
 

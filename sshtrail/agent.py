@@ -23,7 +23,7 @@ import threading
 import time
 
 from pam_module import attempts, sshd_log
-from pam_module.sessions import MESSAGE, UnclosedSessions
+from pam_module.sessions import UnclosedSessions
 from sshtrail import config, events, host_events, session_server
 from sshtrail.spool import Spool
 from sshtrail.unrecorded import UnrecordedWatch
@@ -191,7 +191,7 @@ def run(cfg, stop: threading.Event | None = None) -> int:
                     log.error("looking for unrecorded processes failed: %s", e)
                 try:
                     for ev in unclosed.reap(spool):
-                        log.warning("session %s of %s: %s", ev["sid"], ev["login"], MESSAGE)
+                        log.warning("session %s of %s: %s", ev["sid"], ev["login"], ev["message"])
                 except Exception as e:  # noqa: BLE001 - as above
                     log.error("looking for sessions whose close never came failed: %s", e)
         watcher.step(final=True)  # what was already in the log, and what the tracker held

@@ -78,6 +78,10 @@ def _detail(ev: dict) -> str:
         return f"REFUSED {ev.get('error')}" + (f" ({ev['method']})" if ev.get("method") else "")
     if kind == "session.end" and "duration" in ev:
         return f"after {ev['duration']:.1f}s"
+    if kind == "session.end" and "duration_at_most" in ev:
+        return f"after at most {ev['duration_at_most']:.1f}s (its close never came)"
+    if kind == "session.end" and ev.get("message"):
+        return ev["message"]
     if kind == "session.command":
         return "run " + " ".join(ev["argv"])[:100] + _host_event_notes(ev)
     if kind == "session.disk":

@@ -340,3 +340,23 @@ def test_a_close_that_comes_while_the_agent_ends_the_session_wins(tmp_path, monk
     assert sessions.UnclosedSessions(grace=0.0).reap(spool, now=1.0) == []
     assert spool.query(kind="session.end") == []
     spool.close()
+
+
+def test_a_session_whose_sshd_was_seen_alive_then_gone_ends_between_the_two(tmp_path):
+    from pam_module.sessions import BOUNDED, UnclosedSessions
+    from sshtrail import events, procfs, sessionid
+    spool = Spool(tmp_path / "spool.db", server_id="h")
+    sshd = subprocess.Popen(["sleep", "60"])  # stands in for the connection's sshd
+    sid = sessionid.derive("h", procfs.boot_id(), sshd.pid, procfs.start_time(sshd.pid))
+    spool.db.execute("INSERT INTO pam_sessions (conn, pid, sid, login, started) "
+                     "VALUES ('127.0.0.1 5000', ?, ?, 'alice', 900.0)", (sshd.pid, sid))
+    unclosed = UnclosedSessions(grace=10.0)
+    assert unclosed.reap(spool, now=100.0, wall=1000.0) == []  # alive
+    sshd.kill()
+    sshd.wait()
+    assert unclosed.reap(spool, now=105.0, wall=1005.0) == []  # gone: the grace begins
+    (ev,) = unclosed.reap(spool, now=115.0, wall=1015.0)
+    assert ev["message"] == BOUNDED and ev["duration_at_most"] == 105.0
+    assert (ev["ended_after"], ev["ended_before"]) == (events.format_time(1000.0),
+                                                       events.format_time(1005.0))
+    spool.close()
