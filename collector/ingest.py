@@ -38,8 +38,15 @@ class Refused(SshtrailError):
 
 
 def search_text(ev: dict) -> str:
-    """What a text search looks in: the command line a session ran, the file it opened."""
+    """What a text search looks in: the command line a session ran, the file it opened, the
+    address it connected to or listened on (`10.0.0.5:22`, `[::1]:8080`)."""
     kind = ev["event"]
+    if kind in ("session.network", "session.listen"):
+        addr, port = ((ev.get("dst_addr"), ev.get("dst_port")) if kind == "session.network"
+                      else (ev.get("addr"), ev.get("port")))
+        if not isinstance(addr, str):
+            return ""
+        return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
     if kind == "session.command":
         try:
             return " ".join(ev["argv"])

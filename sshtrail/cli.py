@@ -337,7 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--host", help="only this host (server_id or hostname; with --collector)")
     sp.add_argument("--sid", help="only this session (with --collector)")
     sp.add_argument("--text", metavar="TEXT",
-                    help="text in a command line or opened path (with --collector)")
+                    help="text in a command line, an opened path or an address:port "
+                         "connected to or listened on (with --collector)")
     cli_remote.add_collector_options(sp)
     sp = add("sessions", cmd_sessions, "list recorded sessions (a table, or JSON lines)")
     sp.add_argument("--json", action="store_true", help="one JSON object a line")

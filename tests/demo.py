@@ -120,6 +120,11 @@ def main() -> int:
                           str(collector.ca_file)]
                 print(trail.cli("events", "--user", bob.login, "--type", "session.start", *remote).stdout.rstrip())
                 print(trail.cli("events", "--user", bob.login, "--type", "session.recording", *remote).stdout.splitlines()[-1])
+                say(f"at the collector: who reached 127.0.0.1:{port}, through the host or from a session? "
+                    f"sshtrail events --text 127.0.0.1:{port} --collector URL")
+                collector.wait_for(lambda evs: any(e.get("forwarded") for e in evs), user=alice.login,
+                                   what="alice's forwarded connection at the collector")
+                print(trail.cli("events", "--text", f"127.0.0.1:{port}", *remote).stdout.rstrip())
                 say("sshtrail sessions --collector URL")
                 print(trail.cli("sessions", *remote).stdout.rstrip())
                 say("sshtrail verify  (on the collector: sequence, hash chain, batch signatures)")

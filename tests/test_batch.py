@@ -62,6 +62,15 @@ def test_seq_must_increase_and_the_batch_must_hold_something():
         batch.parse(b"")
 
 
+def test_a_connect_or_listen_is_searched_by_its_address_and_port():
+    from collector.ingest import search_text
+    ev = {"event": "session.network", "dst_addr": "10.0.0.5", "dst_port": 22, "version": 4}
+    assert search_text(ev) == "10.0.0.5:22"
+    ev = {"event": "session.listen", "addr": "::1", "port": 8080, "version": 6}
+    assert search_text(ev) == "[::1]:8080"
+    assert search_text({"event": "session.network", "dst_addr": None}) == ""
+
+
 def test_argv_with_a_non_string_is_searched_by_its_strings():
     from collector.ingest import search_text
     ev = json.loads(body(1))
