@@ -23,8 +23,12 @@ for an ebpf.lost event.
 from __future__ import annotations
 
 import collections
+import logging
+import sqlite3
 
 from . import procfs, sessionid
+
+log = logging.getLogger("sshtrail.agent.ebpf")
 
 HOLD = 1.0  # seconds: a wrapper says hello within tens of milliseconds of its exec
 CHECK_EVERY = 0.25  # seconds between looks at the spool for the sessions events wait for
@@ -167,8 +171,14 @@ class ConnectionEvents:
 
     def _lookup(self, db, conn: tuple[int, int]):
         sid = sessionid.derive(self.server_id, self.boot, conn[0], conn[1])
-        row = db.execute("SELECT login FROM pam_sessions WHERE pid = ? AND sid = ?",
-                         (conn[0], sid)).fetchone()
+        try:
+            row = db.execute("SELECT login FROM pam_sessions WHERE pid = ? AND sid = ?",
+                             (conn[0], sid)).fetchone()
+        except sqlite3.Error as e:
+            # Asked again at the next look: a failing read must not stop the tracer (this runs
+            # inside its poll), nor drop the events before their patience is out.
+            log.warning("looking up the session of connection %d: %s", conn[0], e)
+            return None
         if row is None:
             return None
         self.opened(conn[0], conn[1], sid, row[0])

@@ -126,3 +126,15 @@ def test_a_process_placed_before_stays_in_its_connection_once_out_of_its_tree(tr
     c.add([ev(os.getpid())], now=100.2)  # a process never seen: nowhere to go
     assert [p[1] for p in c.ready(db, now=101.5)] == ["s", "s"]
     assert c.unplaced == 1
+
+
+def test_a_spool_that_cannot_be_read_leaves_events_waiting(tree, db):
+    # The lookup runs inside the tracer's poll: an error there must not end host events.
+    monitor, child = tree
+    c = conns()
+    broken = sqlite3.connect(":memory:")  # no pam_sessions table: every read fails
+    c.add([ev(child)], now=100.0, db=broken)
+    assert c.ready(broken, now=101.5) == [] and c._count == 1
+    db.execute("INSERT INTO pam_sessions VALUES ('c', ?, ?, 'frank', 0)",
+               (monitor, sid_of(monitor)))
+    assert [p[2] for p in c.ready(db, now=102.0)] == ["frank"]
