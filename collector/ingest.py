@@ -16,7 +16,7 @@ import logging
 import re
 import time
 
-from sshtrail import batch, signing, wire
+from sshtrail import batch, events, signing, wire
 from sshtrail.errors import SshtrailError
 
 from . import search
@@ -42,11 +42,7 @@ def search_text(ev: dict) -> str:
     address it connected to or listened on (`10.0.0.5:22`, `[::1]:8080`)."""
     kind = ev["event"]
     if kind in ("session.network", "session.listen"):
-        addr, port = ((ev.get("dst_addr"), ev.get("dst_port")) if kind == "session.network"
-                      else (ev.get("addr"), ev.get("port")))
-        if not isinstance(addr, str):
-            return ""
-        return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+        return events.endpoint(ev)
     if kind == "session.command":
         try:
             return " ".join(ev["argv"])

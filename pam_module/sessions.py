@@ -7,8 +7,9 @@ no longer the process that opened it (its pid is gone, taken by another process,
 boot: the sid is derived from pid, start time and boot) is ended once it has been so for
 `grace` seconds, longer than a close hook can still take, with a `session.end` that says what
 is not known: when this agent saw the sshd alive at a look and gone at a later one, the end
-lies between (ended_after, ended_before, and duration_at_most from the session's start). Exactly one `session.end` either way: the row's deletion and the event are one
-transaction, and the event is dropped if the close hook got there first.
+lies between (ended_after, ended_before, and duration_at_most from the session's start).
+Exactly one `session.end` either way: the row's deletion and the event are one transaction,
+and the event is dropped if the close hook got there first.
 """
 from __future__ import annotations
 

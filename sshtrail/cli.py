@@ -87,11 +87,10 @@ def _detail(ev: dict) -> str:
     if kind == "session.disk":
         return f"open {ev['path']}" + _host_event_notes(ev)
     if kind == "session.network":
-        host = f"[{ev['dst_addr']}]" if ev["version"] == 6 else ev["dst_addr"]
-        return f"connect {host}:{ev['dst_port']}" + _host_event_notes(ev)
+        return f"connect {events.endpoint(ev)}" + _host_event_notes(ev)
     if kind == "session.listen":
-        host = f"[{ev['addr']}]" if ev["version"] == 6 else ev["addr"]
-        return f"listen {host}:{ev['port'] or '(any port)'}" + _host_event_notes(ev)
+        where = events.endpoint(ev) if ev["port"] else events.endpoint(ev)[:-1] + "(any port)"
+        return f"listen {where}" + _host_event_notes(ev)
     if kind == "exec":
         return f"`{ev['command']}` exit {ev.get('exit_status')}"
     if kind == "session.recording":

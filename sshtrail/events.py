@@ -92,6 +92,17 @@ def new_uid(now_ns: int | None = None, rand: bytes | None = None) -> str:
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
+def endpoint(ev: dict) -> str:
+    """'ADDR:PORT' ('[ADDR]:PORT' for IPv6) of a session.network event's destination or a
+    session.listen event's bound address; '' for other events, or an address not a string."""
+    kind = ev.get("event")
+    addr, port = ((ev.get("dst_addr"), ev.get("dst_port")) if kind == "session.network" else
+                  (ev.get("addr"), ev.get("port")) if kind == "session.listen" else (None, None))
+    if not isinstance(addr, str):
+        return ""
+    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+
+
 def format_time(epoch: float) -> str:
     """RFC 3339 UTC with microseconds, the one time format of every event."""
     secs = int(epoch // 1)  # floor, so times before 1970 keep a positive fraction

@@ -21,6 +21,8 @@ import queue
 import threading
 import time
 
+from ebpf.tracer import KEY_SSHD  # not BCC: that is imported only when the tracer loads
+
 from . import events
 from .connection_events import ConnectionEvents
 from .spool import Spool
@@ -185,7 +187,6 @@ class HostEvents:
             pass
 
     def _report_lost(self, spool, lost: dict, forgotten: dict | None = None) -> None:
-        from ebpf.tracer import KEY_SSHD
         evs = []
         for key, count in lost.items():
             sid, login = self._sids.get(key) or (forgotten or {}).get(key, ("", ""))
@@ -204,7 +205,6 @@ class HostEvents:
             spool.append(*evs)
 
     def _write(self, spool, batch: list[dict]) -> None:
-        from ebpf.tracer import KEY_SSHD
         evs, outside = [], []
         for e in batch:
             if e["key"] == KEY_SSHD:
