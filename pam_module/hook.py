@@ -7,9 +7,10 @@ friends are ignored and nothing from site-packages runs; it never asks for or re
 (no expose_authtok); and it ends within `pam.timeout` seconds no matter what: a watchdog thread
 ends it, and SIGALRM's default action ends it if even that thread cannot run.
 
-Fail-open (the default): pam_exec runs detach.sh, which starts this hook in a session of its own
-(`setsid -f`), 0.3 s later, and returns at once, passing the PAM caller's pid and start time
-(--caller, --caller-start) and the time of the call. Logins never wait for the recording, nor
+Fail-open (the default): pam_exec runs detach.sh, which, while the agent runs, leaves the call
+in the agent's queue and returns (pam_module.queue: no Python at all); else it starts this hook
+in a session of its own (`setsid -f`), 0.3 s later, and returns at once, passing the PAM
+caller's pid and start time (--caller, --caller-start) and the time of the call. Logins never wait for the recording, nor
 share the CPU with it: a Python start costs a PAM call ~7 ms here, and a login makes three.
 Whatever goes wrong reaches syslog (LOG_AUTHPRIV). Fail-closed (`--fail-closed`, written by
 install when pam.fail_closed is true, with the PAM control `required`): pam_exec runs the hook
@@ -60,16 +61,19 @@ class HookError(Exception):
     pass
 
 
-def command(python: str, config_path: str | None, *, fail_closed: bool = False) -> list[str]:
+def command(python: str, config_path: str | None, *, fail_closed: bool = False,
+            queue: str | None = None) -> list[str]:
     """The argv a PAM line runs: Python isolated (-I: no PYTHONPATH, no user site, no cwd on
     sys.path) and without site (-S: faster, and nothing from site-packages runs as root);
-    behind detach.sh unless fail-closed."""
+    behind detach.sh unless fail-closed, which leaves the call in `queue` (the agent's, see
+    pam_module.queue) while the agent runs."""
     argv = [python, "-I", "-S", os.path.abspath(__file__)]
     if config_path:
         argv += ["--config", os.path.abspath(config_path)]
     if fail_closed:
         return argv + ["--fail-closed"]
-    return ["/bin/sh", os.path.join(os.path.dirname(os.path.abspath(__file__)), "detach.sh")] + argv
+    detach = ["/bin/sh", os.path.join(os.path.dirname(os.path.abspath(__file__)), "detach.sh")]
+    return detach + (["--queue", os.path.abspath(queue)] if queue else []) + argv
 
 
 def _report(message: str) -> None:

@@ -23,6 +23,7 @@ import threading
 import time
 
 from pam_module import attempts, sshd_log
+from pam_module.queue import PamQueue
 from pam_module.sessions import UnclosedSessions
 from sshtrail import config, events, host_events, session_server
 from sshtrail.spool import Spool
@@ -142,6 +143,14 @@ def run(cfg, stop: threading.Event | None = None) -> int:
     strict_for = _strict_policy(cfg)
     sessions = session_server.serve(cfg, on_session=hosts.track, strict_for=strict_for,
                                     on_login=hosts.session_opened)
+    # PAM calls detach.sh leaves as files (pam_module.queue): its own thread, as a call may
+    # wait for another (close_session for its open).
+    pam_calls = PamQueue(cfg, on_login=hosts.session_opened)
+    pam_stop = threading.Event()
+    pam_thread = threading.Thread(target=pam_calls.run, args=(pam_stop,), name="pam-queue",
+                                  daemon=True)
+    pam_thread.start()
+    pam_calls.announce()
     # agent.start says we are up with all we have: BCC takes seconds to compile the probes.
     # (Sessions starting meanwhile are recorded, and followed once the tracer is loaded.)
     hosts.ready.wait(60)
@@ -200,6 +209,15 @@ def run(cfg, stop: threading.Event | None = None) -> int:
         upload_stop.set()
         if upload_thread is not None:
             upload_thread.join(cfg["upload.timeout"] + 5)
+        # detach.sh starts hooks again; then what it left meanwhile is written.
+        pam_calls.withdraw()
+        pam_stop.set()
+        pam_thread.join()
+        try:
+            pam_calls.step(defer=0)
+        except Exception as e:  # noqa: BLE001 - the calls stay queued for the next agent
+            log.error("writing queued PAM calls failed: %s; the next agent writes them", e)
+        pam_calls.close()
         sessions.stop()
         hosts.stop()
         spool.append(events.new("agent.stop"))

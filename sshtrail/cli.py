@@ -143,14 +143,15 @@ def cmd_events(args, cfg) -> int:
 
 
 def cmd_install(args, cfg) -> int:
-    from pam_module import hook
+    from pam_module import hook, queue
     from session_wrapper import shell
     from sshtrail import install
     from sshtrail.spool import Spool
     Spool.from_config(cfg).close()  # the hook's first login should not have to create it
     report = install.install(
         pam_file=Path("/etc/pam.d") / args.pam_service, sshd_config=Path(args.sshd_config),
-        hook_argv=hook.command(sys.executable, args.config, fail_closed=cfg["pam.fail_closed"]),
+        hook_argv=hook.command(sys.executable, args.config, fail_closed=cfg["pam.fail_closed"],
+                               queue=queue.queue_dir(cfg["spool.path"])),
         fail_closed=cfg["pam.fail_closed"], state_dir=Path(cfg["install.state_dir"]),
         sshd_binary=args.sshd_binary, log=_note,
         force_command=None if args.no_wrapper else shell.command(sys.executable, args.config))

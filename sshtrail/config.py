@@ -258,6 +258,12 @@ def load(explicit: str | os.PathLike | None = None, *, use_env: bool = True) -> 
     return parse(text, path)
 
 
+def cache_file(path: str) -> str:
+    """Where load_cached keeps the settings of the config file at `path`."""
+    from .sha import sha256
+    return os.path.join(CACHE_DIR, sha256(os.path.abspath(path).encode()).hexdigest()[:32])
+
+
 def load_cached(explicit: str | None) -> Config:
     """load() for the PAM hook and the session wrapper (no environment), skipping the TOML
     parser while the file is unchanged: importing tomllib costs ~7 ms of every PAM call and
@@ -269,9 +275,8 @@ def load_cached(explicit: str | None) -> Config:
         st = os.stat(path)
     except OSError:
         return load(explicit, use_env=False)  # absent: defaults, or the error load() gives
-    from .sha import sha256
     stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
-    cache = os.path.join(CACHE_DIR, sha256(os.path.abspath(path).encode()).hexdigest()[:32])
+    cache = cache_file(path)
     if _trusted(CACHE_DIR):
         try:
             with open(cache, "rb") as f:

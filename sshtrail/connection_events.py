@@ -12,7 +12,7 @@ all it starts have their session's own key and do not pass here.
 Such an event comes with a pid. Its session is that of the connection's monitor, the sshd
 process under the listener that calls PAM: the sid is derived from its pid and start time, as
 the PAM hook derives it (sessionid). An event waits here until that PAM session is known -- the
-agent is told of each session the hook hands it (`opened`), 0.3 s after the login; for one
+agent is told of each session it writes for PAM (`opened`), within 0.1 s of the login; for one
 opened while no agent ran, the spool's open sessions say it -- and at least HOLD seconds, so
 that a wrapper's own start (its exec and imports, before its hello) is known as the wrapper's
 and left out. What is not a session within `patience` -- a connection still authenticating,

@@ -163,6 +163,9 @@ def test_hook_failure_lets_login_in_and_reaches_syslog(trail, syslog_sink):
 def test_hook_hang_is_cut_and_login_proceeds(trail, syslog_sink):
     trail.write_config("[pam]\ntimeout = 1.0\n[spool]\nbusy_timeout = 30.0\n")
     user = trail.lab.add_user("gina")
+    # The hook runs only without an agent: with one, the call waits in its queue
+    # (test_pam_queue.py: a locked spool holds neither the login nor the calls).
+    trail.stop_agent()
     holder = sqlite3.connect(trail.spool_path, isolation_level=None)
     holder.execute("BEGIN EXCLUSIVE")  # every spool writer now waits
     try:

@@ -148,10 +148,23 @@ class Trail:
 
     def wait_for_detached(self, timeout: float = 10.0) -> None:
         """Until no process started with this trail's config is left but the agent: detached
-        PAM hooks (they end within pam.timeout, 3 s, by design) and session wrappers."""
+        PAM hooks (they end within pam.timeout, 3 s, by design) and session wrappers; and the
+        PAM calls queued for the agent are written, if it runs."""
         deadline = time.monotonic() + timeout
-        while self._processes_of_this_trail() and time.monotonic() < deadline:
+        while ((self._processes_of_this_trail() or self.queued_pam_calls())
+               and time.monotonic() < deadline):
             time.sleep(0.01)
+
+    def queued_pam_calls(self) -> list[str]:
+        """What detach.sh left for the agent and the agent has not written yet (none without
+        an agent running: they wait for the next one)."""
+        if not (self.agent and self.agent.poll() is None):
+            return []
+        try:
+            names = os.listdir(f"{self.spool_path}.pam-calls")
+        except FileNotFoundError:
+            return []
+        return [n for n in names if n != "agent" and not n.startswith(".")]
 
     def _processes_of_this_trail(self) -> list[int]:
         needle = str(self.config).encode()
