@@ -42,7 +42,7 @@ class Check:
 
 def run_checks(cfg, *, pam_service: str, sshd_config: str, sshd_binary: str,
                bpf: bool = True) -> list[Check]:
-    checks = [_pam(pam_service), *_sshd(sshd_config, sshd_binary)]
+    checks = [_pam(pam_service, cfg), *_sshd(sshd_config, sshd_binary)]
     if any(c.name == "session wrapper" and c.ok for c in checks):
         checks.append(_login_shells())
     checks.append(_sshd_log(cfg))
@@ -54,7 +54,7 @@ def run_checks(cfg, *, pam_service: str, sshd_config: str, sshd_binary: str,
     return checks
 
 
-def _pam(service: str) -> Check:
+def _pam(service: str, cfg) -> Check:
     path = Path("/etc/pam.d") / service
     try:
         text = path.read_text()
@@ -72,6 +72,17 @@ def _pam(service: str) -> Check:
         return Check("PAM hook", False, f"{path} has the hooks, but they run {', '.join(gone)}, "
                      "which does not exist (sshtrail moved or was removed since install)",
                      "run `sshtrail install` again from the sshtrail you use now")
+    from pam_module.queue import queue_dir
+    queues = {words[i + 1] for words in lines.values() for i, w in enumerate(words[:-1])
+              if w == "--queue"}
+    fail_open = any("detach.sh" in w for words in lines.values() for w in words)
+    if fail_open and queues != {queue_dir(cfg["spool.path"])}:
+        return Check("PAM hook", False, f"{path}'s hooks leave PAM calls "
+                     + (f"in {', '.join(sorted(queues))}" if queues else "to no agent")
+                     + f", not in {queue_dir(cfg['spool.path'])} where the agent takes them: "
+                     "every PAM call starts a Python hook (~25 ms of CPU; nothing is lost)",
+                     "run `sshtrail install` again (spool.path changed, or an older sshtrail "
+                     "installed the hooks)")
     return Check("PAM hook", True, f"{path} has the auth, account and session hooks")
 
 
@@ -222,6 +233,7 @@ def _spool(cfg) -> tuple[Check, dict | None]:
 
 
 def _agent(cfg) -> Check:
+    from pam_module.queue import MARKER, STALE, queue_dir
     path = cfg["agent.socket"]
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(2)
@@ -232,6 +244,21 @@ def _agent(cfg) -> Check:
                      "start it: `sshtrail agent` (systemd: sshtrail-agent.service)")
     finally:
         s.close()
+    # Calls left for an agent that stopped taking them (hung, or killed and not back).
+    waiting = []
+    try:
+        with os.scandir(queue_dir(cfg["spool.path"])) as it:
+            for entry in it:
+                if entry.name != MARKER and entry.name[0] != "." and \
+                        time.time() - entry.stat().st_mtime > STALE:
+                    waiting.append(entry.name)
+    except OSError:
+        pass
+    if waiting:
+        return Check("agent", False, f"listening at {path}, but {len(waiting)} PAM call(s) have "
+                     f"waited in {queue_dir(cfg['spool.path'])} for over {STALE:.0f}s",
+                     "see the agent's log (journalctl -u sshtrail-agent); restart it: the calls "
+                     "stay there until an agent writes them")
     return Check("agent", True, f"listening at {path}")
 
 

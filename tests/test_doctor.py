@@ -99,6 +99,33 @@ def test_hooks_that_run_a_missing_program_are_named(trail_factory, tmp_path):
     assert gone in f["session wrapper"] and "every session fails" in f["session wrapper"], r.stdout
 
 
+def test_hooks_that_leave_calls_where_no_agent_takes_them_are_named(trail_factory, tmp_path):
+    """spool.path changed since install: the calls still get written, by a Python hook each."""
+    t = trail_factory()
+    t.write_config(f'[spool]\npath = "{tmp_path}/elsewhere/spool.db"\n')
+    r = doctor(t, "--no-bpf")
+    f = fails(r.stdout)
+    assert f"not in {tmp_path}/elsewhere/spool.db.pam-calls" in f["PAM hook"], r.stdout
+    assert "nothing is lost" in f["PAM hook"]
+    t.install()
+    assert "PAM hook" not in fails(doctor(t, "--no-bpf").stdout)
+
+
+def test_calls_an_agent_stopped_taking_are_named(trail_factory):
+    import signal
+    t = trail_factory()
+    call = f"{t.spool_path}.pam-calls/100.00.42"
+    os.kill(t.agent.pid, signal.SIGSTOP)  # hung: its socket still takes connections
+    try:
+        with open(call, "wb") as f:
+            f.write(b"sshtrail-pam-call 1\0")
+        os.utime(call, (time.time() - 60, time.time() - 60))
+        f = fails(doctor(t, "--no-bpf").stdout)
+        assert "1 PAM call(s) have waited" in f["agent"], f
+    finally:
+        os.kill(t.agent.pid, signal.SIGCONT)
+
+
 def test_not_enrolled_and_expiring_certificates_are_named(trail_factory, collector):
     from collector_proc import enroll_trail
     t = trail_factory()
