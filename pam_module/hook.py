@@ -10,8 +10,9 @@ ends it, and SIGALRM's default action ends it if even that thread cannot run.
 Fail-open (the default): pam_exec runs detach.sh, which, while the agent runs, leaves the call
 in the agent's queue and returns (pam_module.queue: no Python at all); else it starts this hook
 in a session of its own (`setsid -f`), 0.3 s later, and returns at once, passing the PAM
-caller's pid and start time (--caller, --caller-start) and the time of the call. Logins never wait for the recording, nor
-share the CPU with it: a Python start costs a PAM call ~7 ms here, and a login makes three.
+caller's pid and start time (--caller, --caller-start) and the time of the call. Logins
+never wait for the recording, nor share the CPU with it: a Python start costs a PAM call ~7 ms
+here, and a login makes three.
 Whatever goes wrong reaches syslog (LOG_AUTHPRIV). Fail-closed (`--fail-closed`, written by
 install when pam.fail_closed is true, with the PAM control `required`): pam_exec runs the hook
 itself, which writes before it returns and exits non-zero if it could not, so PAM refuses the

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from trail import Trail
+from trail import Trail, locked_spool
 
 pytestmark = pytest.mark.integration
 
@@ -166,16 +166,12 @@ def test_hook_hang_is_cut_and_login_proceeds(trail, syslog_sink):
     # The hook runs only without an agent: with one, the call waits in its queue
     # (test_pam_queue.py: a locked spool holds neither the login nor the calls).
     trail.stop_agent()
-    holder = sqlite3.connect(trail.spool_path, isolation_level=None)
-    holder.execute("BEGIN EXCLUSIVE")  # every spool writer now waits
-    try:
+    with locked_spool(trail.spool_path):
         t0 = time.monotonic()
         r = trail.lab.ssh(user, "echo in")
         assert r.returncode == 0 and r.stdout == b"in\n"
         assert time.monotonic() - t0 < 10
         syslog_sink.wait_for("gave up after 1s (pam.timeout)")
-    finally:
-        holder.execute("ROLLBACK")
 
 
 def test_fail_closed_refuses_when_it_cannot_record(trail, syslog_sink):

@@ -16,6 +16,7 @@ import pytest
 from pam_module import hook
 from sshtrail import config, events
 from sshtrail.spool import Spool
+from trail import locked_spool
 
 KEY = "AAAAC3NzaC1lZDI1NTE5AAAAIBWY77vFY7wvig/UJUmQmmM/Fn+xEcLiccBiVRTg4XSS"
 KEY_FP = "SHA256:4jBZ99usNnhJr7HuUrzcURnWCbMKeWkF6PN14WaYptY"  # as sshd logged it for this key
@@ -172,16 +173,12 @@ def test_hang_is_cut_at_the_timeout(tmp_path, syslog_sink):
     cfg.write_text(f'[spool]\npath = "{tmp_path}/s/spool.db"\nbusy_timeout = 60.0\n'
                    "[pam]\ntimeout = 1.0\n")
     Spool(tmp_path / "s" / "spool.db").close()
-    holder = sqlite3.connect(tmp_path / "s" / "spool.db", isolation_level=None)
-    holder.execute("BEGIN EXCLUSIVE")  # every writer now waits for the lock
-    try:
+    with locked_spool(tmp_path / "s" / "spool.db"):
         assert run_hook(cfg, "open_session").returncode == 0  # fail-open: the login goes on
         syslog_sink.wait_for("gave up after 1s (pam.timeout)")
         t0 = time.monotonic()
         r = run_hook(cfg, "open_session", fail_closed=True)
         elapsed = time.monotonic() - t0
-    finally:
-        holder.execute("ROLLBACK")
     assert r.returncode != 0
     assert elapsed < 10  # far below the 60 s the lock wait alone would take
 

@@ -3,7 +3,6 @@ format's vectors, what the real detach.sh writes, and real logins through a lab 
 agent is stopped, killed, or cannot write."""
 import os
 import signal
-import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -13,6 +12,7 @@ import pytest
 from pam_module import hook, queue
 from sshtrail import config, procfs
 from sshtrail.errors import SshtrailError
+from trail import locked_spool
 
 BOOT = "7fb7ac07-6497-4a5d-9245-a94333ae6bf4"
 RECORD = (b"sshtrail-pam-call 1\0caller=19334\0caller_start=6819428\0uptime=68194.63\0"
@@ -257,18 +257,12 @@ def test_the_agent_keeps_the_wrappers_config_cache_fresh(hook_trail):
 def test_a_locked_spool_holds_neither_the_login_nor_loses_its_calls(hook_trail):
     trail = hook_trail("[spool]\nbusy_timeout = 30.0\n")
     user = trail.lab.add_user("rita")
-    holder = sqlite3.connect(trail.spool_path, isolation_level=None)
-    holder.execute("BEGIN EXCLUSIVE")  # every spool writer now waits
-    try:
+    with locked_spool(trail.spool_path):
         t0 = time.monotonic()
-        r = trail.lab.ssh(user, "echo in")
-        assert r.returncode == 0 and r.stdout == b"in\n"
+        assert trail.lab.ssh(user, "true").returncode == 0
         assert time.monotonic() - t0 < 10
         time.sleep(0.5)
         assert len(trail.queued_pam_calls()) >= 2  # waiting, not dropped
-    finally:
-        holder.execute("ROLLBACK")
-        holder.close()
     trail.wait_for(lambda e: {"user.login", "session.start", "session.end"}
                    <= {x["event"] for x in e}, what="the calls", user=user.login)
 

@@ -9,10 +9,12 @@ wrapper runs as the test user and must read the config and reach the agent's soc
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -179,6 +181,18 @@ class Trail:
                 except OSError:
                     pass
         return found
+
+
+@contextlib.contextmanager
+def locked_spool(path):
+    """While inside, every writer of the spool at `path` waits for its write lock."""
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    try:
+        yield
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
 
 
 def env_without_sshtrail() -> dict:
