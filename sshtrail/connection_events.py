@@ -43,6 +43,7 @@ class ConnectionEvents:
         self.patience = patience
         self.listeners: dict[int, int] = {}  # pid -> start time
         self.unplaced = 0  # events whose session could not be found: their processes had gone
+        self.cut_short = 0  # events let go at the agent's stop while their session could come
         self._wrappers: dict[int, int] = {}  # pid -> start time, of wrappers that said hello
         # pid -> (start time, connection) of processes placed before: a daemon the connection
         # left behind is still its connection's once its parents are gone
@@ -158,9 +159,11 @@ class ConnectionEvents:
                 continue  # nothing due yet
             session = self._sessions.get(conn) or self._lookup(db, conn)
             while items and (final or now >= (items[0][1] if session is None else items[0][0])):
-                _, _, pid, pstart, forwarded, ev = items.popleft()
+                _, deadline, pid, pstart, forwarded, ev = items.popleft()
                 self._count -= 1
                 if session is None:
+                    if now < deadline:
+                        self.cut_short += 1  # (final) its connection may yet become a session
                     continue  # not a session of this spool: nothing to attribute it to
                 if pstart is not None and self._wrappers.get(pid) == pstart:
                     continue  # the wrapper starting, before its hello

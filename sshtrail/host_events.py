@@ -201,6 +201,11 @@ class HostEvents:
             evs.append(events.new("ebpf.lost", count=unplaced, message=(
                 "host events of SSH connections outside their recordings whose session could "
                 "not be found: their processes had ended before the agent looked")))
+        cut_short, self._connections.cut_short = self._connections.cut_short, 0
+        if cut_short:
+            evs.append(events.new("ebpf.lost", count=cut_short, message=(
+                "host events of SSH connections outside their recordings, still waiting for "
+                "their connection to become a session when the agent stopped")))
         if evs:
             spool.append(*evs)
 

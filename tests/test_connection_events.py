@@ -83,6 +83,15 @@ def test_what_is_no_session_is_let_go_and_the_monitor_itself_is_not_reported(tre
     assert c.unplaced == 0
 
 
+def test_at_the_agents_stop_what_could_still_become_a_session_is_counted(tree, db):
+    monitor, child = tree
+    c = conns(patience=5.0)
+    c.add([ev(child), ev(child, kind="connect")], now=100.0)
+    c.add([ev(child, kind="exec")], now=90.0)  # its patience is out: never a session
+    assert c.ready(db, now=100.5, final=True) == []
+    assert c.cut_short == 2 and len(c._waiting) == 0
+
+
 def test_the_wrappers_own_start_is_left_out(tree, db):
     monitor, child = tree
     c = conns()
