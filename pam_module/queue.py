@@ -18,6 +18,7 @@ in a `spool.dropped` event, as is a record that is not one of ours.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import stat
 import threading
@@ -109,6 +110,16 @@ def _order(name: str) -> tuple:
         return (1, 0.0, name)  # not one of ours: dropped, after the calls
 
 
+def _age(name: str, boottime: float) -> float:
+    """Seconds since the call was made, by the boot clock (the wall clock may be set back
+    meanwhile); infinite for a name that is no uptime, or one of a boot before (ahead of us)."""
+    try:
+        age = boottime - float(name.rpartition(".")[0])
+    except ValueError:
+        return math.inf
+    return age if age >= 0 else math.inf
+
+
 class PamQueue:
     """The agent's drain. `step()` takes what is there, so tests can drive it."""
 
@@ -169,7 +180,7 @@ class PamQueue:
             self.refresh_config_cache()  # logins are under way: the next one reads it
         written = 0
         for name in names:
-            took = self._take(name, defer)
+            took = self._take(name, defer, time.clock_gettime(time.CLOCK_BOOTTIME))
             if took is None:
                 break  # too young: so are the calls after it
             written += took
@@ -192,7 +203,7 @@ class PamQueue:
             self.spool.close()
             self.spool = None
 
-    def _take(self, name: str, defer: float) -> int | None:
+    def _take(self, name: str, defer: float, boottime: float) -> int | None:
         path = os.path.join(self.dir, name)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
@@ -204,7 +215,7 @@ class PamQueue:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode) or st.st_uid != 0:
                 return self._drop(name, "not a regular file of root's")
-            if time.time() - st.st_mtime < defer:
+            if _age(name, boottime) < defer:
                 return None
             data = os.read(fd, MAX_RECORD + 1)
         finally:
@@ -212,13 +223,13 @@ class PamQueue:
         try:
             fields = parse(data)
             if fields is None:
-                if time.time() - st.st_mtime > STALE:
+                if _age(name, boottime) > STALE:
                     return self._drop(name, f"cut short ({len(data)} bytes): its writer ended "
                                             "before it was whole")
                 return 0
             call = hook.PamCall.from_message(message(
-                fields, name, st.st_mtime_ns / 1e9, boot=self._boot,
-                boottime=time.clock_gettime(time.CLOCK_BOOTTIME), wall=time.time()))
+                fields, name, st.st_mtime_ns / 1e9, boot=self._boot, boottime=boottime,
+                wall=time.time()))
         except (RecordError, hook.HookError) as e:
             return self._drop(name, str(e))
         hook.record(self.cfg, call, spool=self.spool)

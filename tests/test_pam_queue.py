@@ -142,11 +142,11 @@ def test_what_is_not_a_whole_call_is_dropped_and_said(tmp_path):
     drain = queue.PamQueue(config.load(cfg_path))
     q = tmp_path / "spool.db.pam-calls"
     assert oct(q.stat().st_mode & 0o777) == "0o700"
+    now = time.clock_gettime(time.CLOCK_BOOTTIME)
+    young, old = f"{now:.2f}.2", f"{now - queue.STALE - 1:.2f}.3"
     (q / "10.00.1").write_bytes(b"#!/bin/sh\n")
-    (q / "11.00.2").write_bytes(RECORD[:40])  # its writer is still at it
-    (q / "12.00.3").write_bytes(RECORD[:50])
-    old = time.time() - queue.STALE - 1
-    os.utime(q / "12.00.3", (old, old))  # ...and this one's stopped long ago
+    (q / young).write_bytes(RECORD[:40])  # its writer is still at it
+    (q / old).write_bytes(RECORD[:50])  # ...and this one's stopped long ago
     try:
         assert drain.step(defer=0) == 0
         dropped = [r[0] for r in drain.spool.db.execute(
@@ -154,10 +154,10 @@ def test_what_is_not_a_whole_call_is_dropped_and_said(tmp_path):
             "WHERE json_extract(body, '$.event') = 'spool.dropped'")]
     finally:
         drain.close()
-    assert sorted(os.listdir(q)) == ["11.00.2"]
+    assert sorted(os.listdir(q)) == [young]
     assert len(dropped) == 2
     assert any("10.00.1" in d and "does not start with" in d for d in dropped)
-    assert any("12.00.3" in d and "cut short" in d for d in dropped)
+    assert any(old in d and "cut short" in d for d in dropped)
 
 
 def test_a_queue_folder_someone_else_could_write_is_refused(tmp_path):
@@ -173,12 +173,13 @@ def test_a_call_is_taken_once_its_login_is_under_way(tmp_path):
     cfg_path = tmp_path / "sshtrail.toml"
     cfg_path.write_text(f'[spool]\npath = "{tmp_path}/spool.db"\n')
     drain = queue.PamQueue(config.load(cfg_path))
-    call = tmp_path / "spool.db.pam-calls" / "68194.63.4711"
+    q = tmp_path / "spool.db.pam-calls"
+    now = time.clock_gettime(time.CLOCK_BOOTTIME)
+    call = q / f"{now:.2f}.4711"  # made just now, by the boot clock (its name)
     call.write_bytes(RECORD)
     try:
-        assert drain.step() == 0 and call.exists()  # made just now
-        made = time.time() - queue.DEFER
-        os.utime(call, (made, made))
+        assert drain.step() == 0 and call.exists()
+        call = call.rename(q / f"{now - queue.DEFER:.2f}.4711")
         assert drain.step() == 1 and not call.exists()
         kinds = [r[0] for r in drain.spool.db.execute("SELECT event FROM events ORDER BY seq")]
     finally:
