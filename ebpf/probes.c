@@ -533,8 +533,9 @@ TRACEPOINT_PROBE(syscalls, sys_exit_connect)
 }
 
 // ---- listen -------------------------------------------------------------------------------------
-// A socket listening, with the address it was bound to (port 0: the kernel chose one, which is
-// not read here). ssh -R makes the connection's sshd listen; so does any server a session runs.
+// A socket listening, with the address it was bound to, and the port the kernel chose where it
+// was bound to port 0 (`ssh -R 0:...`). ssh -R makes the connection's sshd listen; so does any
+// server a session runs.
 
 TRACEPOINT_PROBE(syscalls, sys_enter_bind)
 {
@@ -574,9 +575,23 @@ TRACEPOINT_PROBE(syscalls, sys_enter_listen)
     if (!p || quiet(p))
         return 0;
     u32 tid = (u32)bpf_get_current_pid_tgid();
+    // .ptr: the port the socket listens on, once the state change below has said it.
     struct pending pe = {.key = p->key, .ppid = p->ppid, .arg = (u32)args->fd};
     if (pending_listen.update(&tid, &pe) < 0)
         count_lost(p->key);
+    return 0;
+}
+
+// Within listen(2), in the listening thread: the socket's port, as the kernel chose it for a
+// socket bound to port 0 (the tracepoint gives it; the struct sock would need offsets).
+TRACEPOINT_PROBE(sock, inet_sock_set_state)
+{
+    if (args->newstate != 10 /* TCP_LISTEN */ || args->protocol != 6 /* IPPROTO_TCP */)
+        return 0;
+    u32 tid = (u32)bpf_get_current_pid_tgid();
+    struct pending *pe = pending_listen.lookup(&tid);
+    if (pe)
+        pe->ptr = args->sport;   // host byte order
     return 0;
 }
 
@@ -595,6 +610,8 @@ TRACEPOINT_PROBE(syscalls, sys_exit_listen)
         return 0;   // not bound to an IP address by this process (a unix socket, or inherited)
     struct bound copy = *b;
     bound_socks.delete(&sock);
+    if (copy.port == 0 && saved.ptr)
+        copy.port = (u16)((saved.ptr >> 8) | (saved.ptr << 8));  // as the sockaddr holds it
     submit_net(EV_LISTEN, &saved, &copy, args->ret);
     return 0;
 }

@@ -312,6 +312,16 @@ def test_listen_reports_the_address_it_was_bound_to(trace, shells, family, host)
     assert len([e for e in trace.events if e["key"] == sh.key and e["kind"] == "listen"]) == 1
 
 
+def test_listen_on_port_0_reports_the_port_the_kernel_chose(trace, shells, tmp_path):
+    sh = shells()  # as `ssh -R 0:host:port` makes sshd do
+    chosen = tmp_path / "port"
+    code = (f"import socket; s = socket.socket(); s.bind(('127.0.0.1', 0)); s.listen(); "
+            f"open('{chosen}', 'w').write(str(s.getsockname()[1]))")
+    sh.run(f"{PYTHON} -c \"{code}\"")
+    ev = trace.wait_for(lambda e: e["key"] == sh.key and e["kind"] == "listen")[0]
+    assert ev["port"] == int(chosen.read_text()) != 0
+
+
 # -- attribution -----------------------------------------------------------------------------
 
 
