@@ -41,7 +41,7 @@ def search_text(ev: dict) -> str:
     """What a text search looks in: the command line a session ran, the file it opened, the
     address it connected to or listened on (`10.0.0.5:22`, `[::1]:8080`)."""
     kind = ev["event"]
-    if kind in ("session.network", "session.listen"):
+    if kind in ("session.network", "session.network_outcome", "session.listen"):
         return events.endpoint(ev)
     if kind == "session.command":
         try:

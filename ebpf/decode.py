@@ -20,6 +20,7 @@ EV_EXEC_FAILED = 2
 EV_OPEN = 3
 EV_CONNECT = 4
 EV_LISTEN = 5
+EV_CONNECTED = 6
 
 F_ARGV_TRUNCATED = 1 << 0
 F_ARGV_UNREADABLE = 1 << 1
@@ -111,7 +112,7 @@ class Decoder:
             return self._exec(data, h, base)
         if h.kind == EV_OPEN:
             return self._open(data, h, base)
-        if h.kind in (EV_CONNECT, EV_LISTEN):
+        if h.kind in (EV_CONNECT, EV_LISTEN, EV_CONNECTED):
             return self._net(data, h, base)
         return None
 
@@ -152,7 +153,8 @@ class Decoder:
         return ev
 
     def _net(self, data: bytes, h: Header, base: dict) -> dict:
-        """A connect (its destination) or a listen (the address the socket was bound to)."""
+        """A connect (its destination), a listen (the address the socket was bound to), or how
+        a connect the syscall left in progress ended (`established`)."""
         e = ConnectEvent.from_buffer_copy(data)
         raw = bytes(e.addr)
         if e.family == AF_INET:
@@ -162,4 +164,7 @@ class Decoder:
         port = int.from_bytes(e.port.to_bytes(2, "little"), "big")
         if h.kind == EV_LISTEN:
             return {"kind": "listen", **base, "family": family, "addr": addr, "port": port}
+        if h.kind == EV_CONNECTED:
+            return {"kind": "connected", **base, "family": family, "dst_addr": addr,
+                    "dst_port": port, "established": h.ret == 0}
         return {"kind": "connect", **base, "family": family, "dst_addr": addr, "dst_port": port}

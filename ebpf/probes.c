@@ -49,6 +49,7 @@
 #define EV_OPEN 3
 #define EV_CONNECT 4
 #define EV_LISTEN 5
+#define EV_CONNECTED 6     // a non-blocking connect's outcome; ret 0: established, -1: not
 
 // Event flags; mirrored in decode.py.
 #define F_ARGV_TRUNCATED  (1 << 0)   // fewer args than argc, or an arg cut at MAX_ARG_LEN
@@ -517,6 +518,113 @@ static __always_inline void submit_net(u32 kind, struct pending *saved, struct b
     submit(e, sizeof(*e), saved->key);
 }
 
+// ---- a non-blocking connect's outcome ----------------------------------------------------------
+// sshd's forwarded connects (ssh -W, -L, -D) are all non-blocking: the syscall says only "in
+// progress" (EINPROGRESS). The socket's TCP state changes say the rest, by the socket's address
+// (skaddr): SYN_SENT inside connect(2), in the connecting thread; then, from the network's
+// softirq, ESTABLISHED or CLOSE. A connect that ends in the syscall (blocking, or on loopback
+// where the handshake may finish before the syscall returns) is told by its return code, or
+// by the outcome event at once when the syscall said "in progress" all the same.
+#define CONN_IN_SYSCALL 0
+#define CONN_ESTABLISHED 1
+#define CONN_FAILED 2
+#define CONN_WAITING 3
+struct connecting {
+    u32 key;
+    u32 ppid;
+    u32 tgid;
+    u32 tid;
+    u32 uid;
+    u32 state;          // CONN_*
+    char comm[TASK_COMM_LEN];
+    struct bound dst;
+};
+BPF_TABLE("lru_hash", u64, struct connecting, connecting, 10240);
+BPF_HASH(connect_sock, u32, u64, 10240);   // thread in connect(2) -> its socket's skaddr
+
+static __always_inline void submit_outcome(struct connecting *c, u32 state)
+{
+    u32 zero = 0;
+    union scratch *s = scratch_slot.lookup(&zero);
+    if (!s) {
+        count_lost(c->key);
+        return;
+    }
+    struct connect_event *e = &s->connect;
+    // Not fill_header: in softirq the current task is whoever the packet interrupted.
+    e->h.ts_ns = bpf_ktime_get_ns();
+    e->h.ret = state == CONN_ESTABLISHED ? 0 : -1;
+    e->h.kind = EV_CONNECTED;
+    e->h.key = c->key;
+    e->h.pid = c->tgid;
+    e->h.tid = c->tid;
+    e->h.ppid = c->ppid;
+    e->h.uid = c->uid;
+    e->h.flags = 0;
+    e->h.aux = 0;
+    __builtin_memcpy(e->h.comm, c->comm, sizeof(e->h.comm));
+    e->family = c->dst.family;
+    e->port = c->dst.port;
+    __builtin_memcpy(e->addr, c->dst.addr, sizeof(e->addr));
+    submit(e, sizeof(*e), c->key);
+}
+
+static __always_inline void connect_state(const void *skaddr, int oldstate, int newstate,
+                                          u32 tid)
+{
+    u64 sk = (u64)skaddr;
+    if (newstate == 2 /* TCP_SYN_SENT */) {
+        struct pending *pe = pending_connect.lookup(&tid);
+        if (!pe)
+            return;   // not a tracked process's connect(2)
+        struct connecting c = {.key = pe->key, .ppid = pe->ppid,
+                               .tgid = bpf_get_current_pid_tgid() >> 32, .tid = tid,
+                               .uid = (u32)bpf_get_current_uid_gid(),
+                               .state = CONN_IN_SYSCALL};
+        bpf_get_current_comm(&c.comm, sizeof(c.comm));
+        if (read_inet(&c.dst, pe->ptr, pe->arg) < 0)
+            return;
+        if (connecting.update(&sk, &c) < 0 || connect_sock.update(&tid, &sk) < 0)
+            count_lost(pe->key);
+        return;
+    }
+    if (oldstate != 2 /* TCP_SYN_SENT */)
+        return;
+    struct connecting *c = connecting.lookup(&sk);
+    if (!c)
+        return;
+    u32 state = newstate == 1 /* TCP_ESTABLISHED */ ? CONN_ESTABLISHED : CONN_FAILED;
+    if (c->state == CONN_IN_SYSCALL) {
+        c->state = state;   // sys_exit_connect tells it, if the syscall said "in progress"
+        return;
+    }
+    submit_outcome(c, state);
+    connecting.delete(&sk);
+}
+
+// At the exit of a tracked connect(2), after its own event.
+static __always_inline void connect_exit(u32 tid, s64 ret)
+{
+    u64 *skp = connect_sock.lookup(&tid);
+    if (!skp)
+        return;
+    u64 sk = *skp;
+    connect_sock.delete(&tid);
+    struct connecting *c = connecting.lookup(&sk);
+    if (!c)
+        return;
+    if (ret != -115 /* -EINPROGRESS */) {
+        connecting.delete(&sk);   // the return code said how it went
+        return;
+    }
+    if (c->state == CONN_IN_SYSCALL) {
+        c->state = CONN_WAITING;
+        return;
+    }
+    submit_outcome(c, c->state);
+    connecting.delete(&sk);
+}
+
 TRACEPOINT_PROBE(syscalls, sys_exit_connect)
 {
     u32 tid = (u32)bpf_get_current_pid_tgid();
@@ -529,6 +637,7 @@ TRACEPOINT_PROBE(syscalls, sys_exit_connect)
     if (read_inet(&b, saved.ptr, saved.arg) < 0)
         return 0;   // not an IP address, or unreadable: the kernel refused it too
     submit_net(EV_CONNECT, &saved, &b, args->ret);
+    connect_exit(tid, args->ret);
     return 0;
 }
 
@@ -582,13 +691,18 @@ TRACEPOINT_PROBE(syscalls, sys_enter_listen)
     return 0;
 }
 
-// Within listen(2), in the listening thread: the socket's port, as the kernel chose it for a
-// socket bound to port 0 (the tracepoint gives it; the struct sock would need offsets).
+// TCP state changes: a connect's outcome (above), and, within listen(2), in the listening
+// thread, the socket's port as the kernel chose it for a socket bound to port 0 (the
+// tracepoint gives it; the struct sock would need offsets).
 TRACEPOINT_PROBE(sock, inet_sock_set_state)
 {
-    if (args->newstate != 10 /* TCP_LISTEN */ || args->protocol != 6 /* IPPROTO_TCP */)
+    if (args->protocol != 6 /* IPPROTO_TCP */)
         return 0;
     u32 tid = (u32)bpf_get_current_pid_tgid();
+    if (args->newstate != 10 /* TCP_LISTEN */) {
+        connect_state(args->skaddr, args->oldstate, args->newstate, tid);
+        return 0;
+    }
     struct pending *pe = pending_listen.lookup(&tid);
     if (pe)
         pe->ptr = args->sport;   // host byte order

@@ -58,9 +58,9 @@ def _safe(text) -> str:
 def _host_event_notes(ev: dict) -> str:
     """How a host event ended, and where it happened when not inside the recording."""
     notes = []
-    rc = ev["return_code"]
+    rc = ev.get("return_code", 0)
     if rc == -errno.EINPROGRESS and ev["event"] == "session.network":
-        notes.append("in progress")  # non-blocking: whether it then succeeds is not traced
+        notes.append("in progress")  # non-blocking: a session.network_outcome says the rest
     elif rc < 0:
         notes.append(f"failed: {errno.errorcode.get(-rc, rc)}")
     if ev.get("forwarded"):
@@ -88,6 +88,10 @@ def _detail(ev: dict) -> str:
         return f"open {ev['path']}" + _host_event_notes(ev)
     if kind == "session.network":
         return f"connect {events.endpoint(ev)}" + _host_event_notes(ev)
+    if kind == "session.network_outcome":
+        return (f"connect {events.endpoint(ev)} "
+                f"{'established' if ev['established'] else 'NOT established'}"
+                + _host_event_notes(ev))
     if kind == "session.listen":
         where = events.endpoint(ev) if ev["port"] else events.endpoint(ev)[:-1] + "(any port)"
         return f"listen {where}" + _host_event_notes(ev)

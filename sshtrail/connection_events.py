@@ -101,7 +101,7 @@ class ConnectionEvents:
             pstart, conn = place
             if conn[0] == pid:
                 continue  # the connection's own monitor: authentication and PAM's work, root's
-            forwarded = ev["kind"] in ("connect", "listen") and procfs.is_sshd(pid)
+            forwarded = ev["kind"] in ("connect", "connected", "listen") and procfs.is_sshd(pid)
             self._waiting.setdefault(conn, collections.deque()).append(
                 (now + HOLD, now + self.patience, pid, pstart, forwarded, ev))
             self._count += 1

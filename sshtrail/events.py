@@ -52,6 +52,10 @@ TYPES: dict[str, EventType] = {
     "session.network": EventType("T4002I", {"sid": str, "pid": int, "dst_addr": str,
                                             "dst_port": int, "version": int, "return_code": int},
                                  "a connect inside a session, or by its sshd for the client"),
+    "session.network_outcome": EventType("ST4004I", {"sid": str, "pid": int, "dst_addr": str,
+                                                    "dst_port": int, "version": int,
+                                                    "established": bool},
+                                         "how a connect its syscall left in progress ended"),
     "session.listen": EventType("ST4003I", {"sid": str, "pid": int, "addr": str, "port": int,
                                            "version": int, "return_code": int},
                                 "a socket listening inside a session, or by its sshd for the "
@@ -93,10 +97,12 @@ def new_uid(now_ns: int | None = None, rand: bytes | None = None) -> str:
 
 
 def endpoint(ev: dict) -> str:
-    """'ADDR:PORT' ('[ADDR]:PORT' for IPv6) of a session.network event's destination or a
-    session.listen event's bound address; '' for other events, or an address not a string."""
+    """'ADDR:PORT' ('[ADDR]:PORT' for IPv6) of a session.network(_outcome) event's destination
+    or a session.listen event's bound address; '' for other events, or an address not a
+    string."""
     kind = ev.get("event")
-    addr, port = ((ev.get("dst_addr"), ev.get("dst_port")) if kind == "session.network" else
+    addr, port = ((ev.get("dst_addr"), ev.get("dst_port"))
+                  if kind in ("session.network", "session.network_outcome") else
                   (ev.get("addr"), ev.get("port")) if kind == "session.listen" else (None, None))
     if not isinstance(addr, str):
         return ""

@@ -265,4 +265,9 @@ def _event(e: dict, sid: str, login: str, **extra) -> list[dict]:
     if e["kind"] == "listen":
         return [events.new("session.listen", at=e.get("time"), addr=e["addr"], port=e["port"],
                            version=e["family"], **common)]
+    if e["kind"] == "connected":  # no return code: the kernel's error is not in the tracepoint
+        del common["return_code"]
+        return [events.new("session.network_outcome", at=e.get("time"), dst_addr=e["dst_addr"],
+                           dst_port=e["dst_port"], version=e["family"],
+                           established=e["established"], **common)]
     return []

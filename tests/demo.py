@@ -101,10 +101,13 @@ def main() -> int:
                 shown = [r for r in disk[1:] if "/etc/" in r or "/home/" in r][:6]
                 print("\n".join(shown) + f"\n  ... {len(disk) - 1} file opens in all")
                 say("alice's jump: no session channel, so nothing to record; the connection sshd made "
-                    "for her: sshtrail events --user alice --type session.network")
-                trail.wait_for(lambda evs: any(e.get("forwarded") for e in evs), type="session.network",
-                               user=alice.login, what="alice's forwarded connection")
-                print(trail.cli("events", "--user", alice.login, "--type", "session.network").stdout.rstrip())
+                    "for her, and how it went: sshtrail events --user alice --type session.network / "
+                    "session.network_outcome")
+                for kind in ("session.network", "session.network_outcome"):
+                    trail.wait_for(lambda evs: any(e.get("forwarded") for e in evs), type=kind,
+                                   user=alice.login, what=f"alice's forwarded connection ({kind})")
+                    rows = trail.cli("events", "--user", alice.login, "--type", kind).stdout.splitlines()
+                    print("\n".join(rows if kind == "session.network" else rows[1:]))
                 say("sshtrail sessions")
                 print(trail.cli("sessions").stdout.rstrip())
                 sid = [e for e in trail.events(type="session.recording", user=bob.login)][0]["sid"]

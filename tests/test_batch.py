@@ -68,6 +68,9 @@ def test_a_connect_or_listen_is_searched_by_its_address_and_port():
     assert search_text(ev) == "10.0.0.5:22"
     ev = {"event": "session.listen", "addr": "::1", "port": 8080, "version": 6}
     assert search_text(ev) == "[::1]:8080"
+    ev = {"event": "session.network_outcome", "dst_addr": "10.0.0.5", "dst_port": 22,
+          "version": 4, "established": False}
+    assert search_text(ev) == "10.0.0.5:22"
     assert search_text({"event": "session.network", "dst_addr": None}) == ""
 
 

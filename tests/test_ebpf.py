@@ -51,13 +51,13 @@ class Collector:
         self.events: list[dict] = []
         self.tracer = Tracer(self.events.extend, max_arg_len=MAX_ARG_LEN, max_path=MAX_PATH)
 
-    def wait_for(self, pred, timeout: float = 10.0) -> list[dict]:
-        """Poll until some event matches pred; return all that match (fails on timeout)."""
+    def wait_for(self, pred, timeout: float = 10.0, count: int = 1) -> list[dict]:
+        """Poll until `count` events match pred; return all that match (fails on timeout)."""
         deadline = time.monotonic() + timeout
         while True:
             self.tracer.poll(50)
             found = [e for e in self.events if pred(e)]
-            if found:
+            if len(found) >= count:
                 return found
             if time.monotonic() > deadline:
                 pytest.fail(f"no event matched within {timeout}s")
@@ -292,6 +292,33 @@ def test_refused_connect_reports_the_error(trace, shells):
         sh.run(f"{PYTHON} -c \"import socket; socket.socket().connect_ex(('127.0.0.1', {port}))\"")
         ev = trace.wait_for(lambda e: e["key"] == sh.key and e["kind"] == "connect")[0]
     assert ev["dst_port"] == port and ev["ret"] == -111  # ECONNREFUSED
+
+
+def test_a_connect_left_in_progress_says_how_it_ended(trace, shells):
+    """As sshd's forwarded connects (ssh -W, -L, -D): non-blocking, the syscall says only
+    EINPROGRESS. One to a listening port is established, one to a closed port is not; a
+    blocking connect says it in its own return code and gets no second event."""
+    with socket.socket() as srv, socket.socket() as closed:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen()
+        closed.bind(("127.0.0.1", 0))  # bound, never listening: refused
+        open_port, closed_port = srv.getsockname()[1], closed.getsockname()[1]
+        sh = shells()
+        code = ("import socket, select; "
+                "c = [socket.socket() for _ in range(2)]; [s.setblocking(False) for s in c]; "
+                f"[s.connect_ex(('127.0.0.1', p)) for s, p in zip(c, ({open_port}, {closed_port}))]; "
+                "select.select([], c, [], 5); "
+                f"socket.create_connection(('127.0.0.1', {open_port})).close()")
+        sh.run(f"{PYTHON} -c \"{code}\"")
+        mine = lambda e: e["key"] == sh.key  # noqa: E731
+        outcomes = trace.wait_for(lambda e: mine(e) and e["kind"] == "connected", count=2)
+        trace.settle()
+    connects = [e for e in trace.events if mine(e) and e["kind"] == "connect"]
+    assert sorted(e["ret"] for e in connects) == [-115, -115, 0]  # EINPROGRESS twice
+    assert {(e["dst_port"], e["established"]) for e in outcomes} == {(open_port, True),
+                                                                    (closed_port, False)}
+    assert all(e["comm"] == "python3" and e["pid"] == connects[0]["pid"] for e in outcomes)
+    assert len([e for e in trace.events if mine(e) and e["kind"] == "connected"]) == 2
 
 
 @pytest.mark.parametrize("family,host", [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")])

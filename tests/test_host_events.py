@@ -146,6 +146,10 @@ def test_port_forwarding_and_what_a_login_shell_runs_first_belong_to_their_sessi
     (forward,) = events_of(trail, starts[0]["sid"], "session.network")
     assert (forward["dst_addr"], forward["dst_port"]) == ("127.0.0.1", port)
     assert forward["forwarded"] is True and forward["program"].startswith("sshd")
+    # It returned "in progress"; the handshake's end came after, as its own event.
+    (made,) = events_of(trail, starts[0]["sid"], "session.network_outcome")
+    assert (made["dst_addr"], made["dst_port"], made["established"]) == ("127.0.0.1", port, True)
+    assert made["forwarded"] is True and made["pid"] == forward["pid"]
     assert listen["sid"] == starts[1]["sid"] and listen["forwarded"] is True
     assert (listen["addr"], listen["port"], listen["return_code"]) == ("127.0.0.1", rport, 0)
     rc_sid = session_sid(trail, rc.login)
@@ -156,10 +160,12 @@ def test_port_forwarding_and_what_a_login_shell_runs_first_belong_to_their_sessi
     # By now every earlier event has been placed or left out: of jump's, only the forward is
     # outside a recording (not its wrapper's exec and imports before the hello).
     outside = [e for e in trail.events(user=jump.login) if e.get("outside")]
-    assert sorted(outside, key=lambda e: e["time"]) == [forward, listen]
+    assert sorted(outside, key=lambda e: e["time"]) == [forward, made, listen]
     table = trail.cli("events", "--user", jump.login, "--type", "session.network").stdout
     # sshd connects without blocking: the call returns before the connection is made.
     assert f"connect 127.0.0.1:{port} (in progress; forwarded by sshd for the client)" in table
+    table = trail.cli("events", "--user", jump.login, "--type", "session.network_outcome").stdout
+    assert f"connect 127.0.0.1:{port} established (forwarded by sshd for the client)" in table
     table = trail.cli("events", "--user", jump.login, "--type", "session.listen").stdout
     assert f"listen 127.0.0.1:{rport} (forwarded by sshd for the client)" in table
 
