@@ -502,15 +502,24 @@ static __always_inline int read_inet(struct bound *b, u64 ptr, u64 len)
     return 0;
 }
 
-static __always_inline void submit_net(u32 kind, struct pending *saved, struct bound *b, s64 ret)
+// This CPU's scratch slot as a connect event, for the session `key`; NULL (counted lost) if
+// it cannot be had.
+static __always_inline struct connect_event *connect_slot(u32 key)
 {
     u32 zero = 0;
     union scratch *s = scratch_slot.lookup(&zero);
     if (!s) {
-        count_lost(saved->key);
-        return;
+        count_lost(key);
+        return 0;
     }
-    struct connect_event *e = &s->connect;
+    return &s->connect;
+}
+
+static __always_inline void submit_net(u32 kind, struct pending *saved, struct bound *b, s64 ret)
+{
+    struct connect_event *e = connect_slot(saved->key);
+    if (!e)
+        return;
     fill_header(&e->h, kind, saved->key, saved->ppid, ret);
     e->family = b->family;
     e->port = b->port;
@@ -544,13 +553,9 @@ BPF_HASH(connect_sock, u32, u64, 10240);   // thread in connect(2) -> its socket
 
 static __always_inline void submit_outcome(struct connecting *c, u32 state)
 {
-    u32 zero = 0;
-    union scratch *s = scratch_slot.lookup(&zero);
-    if (!s) {
-        count_lost(c->key);
+    struct connect_event *e = connect_slot(c->key);
+    if (!e)
         return;
-    }
-    struct connect_event *e = &s->connect;
     // Not fill_header: in softirq the current task is whoever the packet interrupted.
     e->h.ts_ns = bpf_ktime_get_ns();
     e->h.ret = state == CONN_ESTABLISHED ? 0 : -1;
