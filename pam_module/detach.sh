@@ -28,16 +28,16 @@
 DEFER=0.3
 caller=$PPID
 read uptime _ < /proc/uptime
-start_time() { set -- $1; echo_start=${20}; }
+start_time() { set -- $1; started=${20}; }   # of /proc/PID/stat after its ") "
 caller_start=
-read -r stat < "/proc/$caller/stat" && start_time "${stat##*) }" && caller_start=$echo_start
+read -r stat < "/proc/$caller/stat" && start_time "${stat##*) }" && caller_start=$started
 
 queued() {
     # The agent is the process DIR/agent names, if it still runs (a pid alone may be reused).
     read -r apid astart < "$queue/agent" || return 1
     read -r astat < "/proc/$apid/stat" || return 1
     start_time "${astat##*) }"
-    [ -n "$astart" ] && [ "$echo_start" = "$astart" ] || return 1
+    [ -n "$astart" ] && [ "$started" = "$astart" ] || return 1
     read -r boot < /proc/sys/kernel/random/boot_id || return 1
     # The name orders the calls (uptime) and is unique ($$ is ours while we run); -C: never
     # over another file. The agent takes a file only once its last field, "end", is there.

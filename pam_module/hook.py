@@ -211,9 +211,11 @@ class PamCall:
         return ",".join(methods), key
 
 
-def record(cfg, call: PamCall, spool=None) -> None:
+def record(cfg, call: PamCall, spool=None, on_login=None) -> None:
     """Write the call. `spool`: one already open (the agent's), left open. Writing a call twice
-    (the agent did, but its confirmation never came) keeps it once."""
+    (the agent did, but its confirmation never came) keeps it once. `on_login(pid, start, sid,
+    login)`: told of a session opened by a known sshd process, once written (the agent's host
+    events)."""
     from pam_module import attempts
     from sshtrail import events
     from sshtrail.spool import Spool
@@ -243,6 +245,8 @@ def record(cfg, call: PamCall, spool=None) -> None:
                            "VALUES (?, ?, ?, ?, ?)", (call.conn, call.ppid, start["sid"],
                                                       call.user, call.now))
             spool.append(login, start, extra_sql=bookkeeping)
+            if on_login and call.ppid_start is not None:
+                on_login(call.ppid, call.ppid_start, start["sid"], call.user)
         elif call.type == "close_session":
             row = _wait_for_start(spool, call)
             # Each call's time is when PAM made it, to a hundredth of a second (detach.sh), or

@@ -102,22 +102,30 @@ def message(fields: dict[str, str], name: str, written: float, *, boot: str, boo
             "ppid_start": int(start) if start else None, "boot": fields["boot"], "seed": seed}
 
 
-def _order(name: str) -> tuple:
-    """Calls in the order PAM made them: the name is "UPTIME.PID" (detach.sh)."""
+def call_names(queue: str) -> list[str]:
+    """The calls waiting in the folder `queue`, in the order PAM made them (the agent's marker
+    and files being renamed into place left out)."""
+    names = [n for n in os.listdir(queue) if n != MARKER and n[0] != "."]
+    made = {n: _made(n) for n in names}
+    # Names that are not ours last: they are dropped, after the calls.
+    return sorted(names, key=lambda n: (made[n] is None, made[n] or 0.0, n))
+
+
+def _made(name: str) -> float | None:
+    """The uptime a call was made at: its name is "UPTIME.PID" (detach.sh); None if not."""
     try:
-        return (0, float(name.rpartition(".")[0]), name)
+        return float(name.rpartition(".")[0])
     except ValueError:
-        return (1, 0.0, name)  # not one of ours: dropped, after the calls
+        return None
 
 
-def _age(name: str, boottime: float) -> float:
+def call_age(name: str, boottime: float | None = None) -> float:
     """Seconds since the call was made, by the boot clock (the wall clock may be set back
     meanwhile); infinite for a name that is no uptime, or one of a boot before (ahead of us)."""
-    try:
-        age = boottime - float(name.rpartition(".")[0])
-    except ValueError:
-        return math.inf
-    return age if age >= 0 else math.inf
+    made = _made(name)
+    if boottime is None:
+        boottime = time.clock_gettime(time.CLOCK_BOOTTIME)
+    return math.inf if made is None or made > boottime else boottime - made
 
 
 class PamQueue:
@@ -174,16 +182,15 @@ class PamQueue:
         if self.spool is None:
             from sshtrail.spool import Spool
             self.spool = Spool.from_config(self.cfg)  # synchronous FULL, as the hook writes
-        names = sorted((n for n in os.listdir(self.dir) if n != MARKER and n[0] != "."),
-                       key=_order)
+        names = call_names(self.dir)
         if names:
             self.refresh_config_cache()  # logins are under way: the next one reads it
         written = 0
         for name in names:
-            took = self._take(name, defer, time.clock_gettime(time.CLOCK_BOOTTIME))
-            if took is None:
+            boottime = time.clock_gettime(time.CLOCK_BOOTTIME)
+            if call_age(name, boottime) < defer:
                 break  # too young: so are the calls after it
-            written += took
+            written += self._take(name, boottime)
         return written
 
     def run(self, stop: threading.Event) -> None:
@@ -203,7 +210,7 @@ class PamQueue:
             self.spool.close()
             self.spool = None
 
-    def _take(self, name: str, defer: float, boottime: float) -> int | None:
+    def _take(self, name: str, boottime: float) -> int:
         path = os.path.join(self.dir, name)
         try:
             fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
@@ -215,15 +222,13 @@ class PamQueue:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode) or st.st_uid != 0:
                 return self._drop(name, "not a regular file of root's")
-            if _age(name, boottime) < defer:
-                return None
             data = os.read(fd, MAX_RECORD + 1)
         finally:
             os.close(fd)
         try:
             fields = parse(data)
             if fields is None:
-                if _age(name, boottime) > STALE:
+                if call_age(name, boottime) > STALE:
                     return self._drop(name, f"cut short ({len(data)} bytes): its writer ended "
                                             "before it was whole")
                 return 0
@@ -232,13 +237,11 @@ class PamQueue:
                 wall=time.time()))
         except (RecordError, hook.HookError) as e:
             return self._drop(name, str(e))
-        hook.record(self.cfg, call, spool=self.spool)
+        hook.record(self.cfg, call, spool=self.spool, on_login=self.on_login)
         try:
             os.unlink(path)
         except FileNotFoundError:
             pass  # another agent on this spool took it too: its events are kept once
-        if self.on_login and call.type == "open_session" and call.ppid_start is not None:
-            self.on_login(call.ppid, call.ppid_start, call.sid(self.cfg.server_id), call.user)
         return 1
 
     def _drop(self, name: str, reason: str) -> int:

@@ -233,7 +233,7 @@ def _spool(cfg) -> tuple[Check, dict | None]:
 
 
 def _agent(cfg) -> Check:
-    from pam_module.queue import MARKER, STALE, queue_dir
+    from pam_module.queue import STALE, call_age, call_names, queue_dir
     path = cfg["agent.socket"]
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.settimeout(2)
@@ -245,15 +245,10 @@ def _agent(cfg) -> Check:
     finally:
         s.close()
     # Calls left for an agent that stopped taking them (hung, or killed and not back).
-    waiting = []
     try:
-        with os.scandir(queue_dir(cfg["spool.path"])) as it:
-            for entry in it:
-                if entry.name != MARKER and entry.name[0] != "." and \
-                        time.time() - entry.stat().st_mtime > STALE:
-                    waiting.append(entry.name)
+        waiting = [n for n in call_names(queue_dir(cfg["spool.path"])) if call_age(n) > STALE]
     except OSError:
-        pass
+        waiting = []
     if waiting:
         return Check("agent", False, f"listening at {path}, but {len(waiting)} PAM call(s) have "
                      f"waited in {queue_dir(cfg['spool.path'])} for over {STALE:.0f}s",

@@ -184,11 +184,9 @@ class SessionServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         # output. (One call per connection, and a thread per connection: nothing to keep.)
         spool = Spool.from_config(self.cfg)
         try:
-            hook.record(self.cfg, call, spool=spool)
+            hook.record(self.cfg, call, spool=spool, on_login=self.on_login)
         finally:
             spool.close()
-        if self.on_login and call.type == "open_session" and call.ppid_start is not None:
-            self.on_login(call.ppid, call.ppid_start, call.sid(self.cfg.server_id), call.user)
         return {"type": "ack", "seq": "pam"}
 
     def _hello(self, pid, uid, header):

@@ -162,11 +162,11 @@ class Trail:
         an agent running: they wait for the next one)."""
         if not (self.agent and self.agent.poll() is None):
             return []
+        from pam_module.queue import call_names, queue_dir
         try:
-            names = os.listdir(f"{self.spool_path}.pam-calls")
+            return call_names(queue_dir(str(self.spool_path)))
         except FileNotFoundError:
             return []
-        return [n for n in names if n != "agent" and not n.startswith(".")]
 
     def _processes_of_this_trail(self) -> list[int]:
         needle = str(self.config).encode()
