@@ -582,13 +582,12 @@ static __always_inline void connect_state(const void *skaddr, int oldstate, int 
         struct pending *pe = pending_connect.lookup(&tid);
         if (!pe)
             return;   // not a tracked process's connect(2)
+        // .dst: filled at the syscall's exit, from the sockaddr its connect event reads.
         struct connecting c = {.key = pe->key, .ppid = pe->ppid,
                                .tgid = bpf_get_current_pid_tgid() >> 32, .tid = tid,
                                .uid = (u32)bpf_get_current_uid_gid(),
                                .state = CONN_IN_SYSCALL};
         bpf_get_current_comm(&c.comm, sizeof(c.comm));
-        if (read_inet(&c.dst, pe->ptr, pe->arg) < 0)
-            return;
         if (connecting.update(&sk, &c) < 0 || connect_sock.update(&tid, &sk) < 0)
             count_lost(pe->key);
         return;
@@ -607,8 +606,9 @@ static __always_inline void connect_state(const void *skaddr, int oldstate, int 
     connecting.delete(&sk);
 }
 
-// At the exit of a tracked connect(2), after its own event.
-static __always_inline void connect_exit(u32 tid, s64 ret)
+// At the exit of a tracked connect(2), after its own event; `dst` its destination (NULL: not
+// an IP address the call could read).
+static __always_inline void connect_exit(u32 tid, s64 ret, struct bound *dst)
 {
     u64 *skp = connect_sock.lookup(&tid);
     if (!skp)
@@ -618,10 +618,11 @@ static __always_inline void connect_exit(u32 tid, s64 ret)
     struct connecting *c = connecting.lookup(&sk);
     if (!c)
         return;
-    if (ret != -115 /* -EINPROGRESS */) {
+    if (ret != -115 /* -EINPROGRESS */ || !dst) {
         connecting.delete(&sk);   // the return code said how it went
         return;
     }
+    c->dst = *dst;
     if (c->state == CONN_IN_SYSCALL) {
         c->state = CONN_WAITING;
         return;
@@ -639,10 +640,12 @@ TRACEPOINT_PROBE(syscalls, sys_exit_connect)
     struct pending saved = *pe;
     pending_connect.delete(&tid);
     struct bound b = {};
-    if (read_inet(&b, saved.ptr, saved.arg) < 0)
-        return 0;   // not an IP address, or unreadable: the kernel refused it too
+    if (read_inet(&b, saved.ptr, saved.arg) < 0) {
+        connect_exit(tid, args->ret, 0);   // not an IP address, or unreadable: the kernel
+        return 0;                          // refused it too
+    }
     submit_net(EV_CONNECT, &saved, &b, args->ret);
-    connect_exit(tid, args->ret);
+    connect_exit(tid, args->ret, &b);
     return 0;
 }
 
