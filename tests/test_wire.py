@@ -62,9 +62,9 @@ def test_the_wrapper_starts_without_the_json_package():
     # Every session pays for what the wrapper imports: json (with re) was 9 ms of it, the
     # enum wrappers of signal.py and socket.py 5 ms more, ctypes (for prctl) 4.5 ms.
     root = Path(__file__).resolve().parent.parent
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); import session_wrapper.shell, "
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import session_wrapper.session, "
             "session_wrapper.agent_client, session_wrapper.pty_relay, session_wrapper.passthrough, "
-            "sshtrail.config; session_wrapper.shell.make_undumpable(); print(sorted(m for m in "
+            "sshtrail.config; session_wrapper.session.make_undumpable(); print(sorted(m for m in "
             "('json', 're', 'enum', 'signal', 'socket', 'ctypes') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-I", "-S", "-c", code, str(root)], capture_output=True,
                          text=True, check=True).stdout
