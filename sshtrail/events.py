@@ -11,11 +11,8 @@ from __future__ import annotations
 import os
 import time
 
-# The C half of json: the PAM hook writes events once per PAM call, and `import json` brings
-# re and enum with it (~3 ms). to_json below needs only string escaping from it.
-from _json import encode_basestring as _quote
-
 from .errors import SshtrailError
+from .jsontext import to_json  # noqa: F401 (events.to_json: how an event is written)
 
 # Common to every event. `server_id`/`server_hostname` are filled by the spool from config.
 COMMON = {"event": str, "code": str, "uid": str, "time": str,
@@ -225,37 +222,6 @@ def validate(ev) -> dict:
         raise EventError(f"code: {ev['code']!r} does not match {kind} (expected {expected or spec.code})")
     parse_time(ev["time"])
     return ev
-
-
-def to_json(ev: dict, *, sort_keys: bool = True) -> str:
-    """Compact JSON with sorted keys, byte for byte what json.dumps(ev, separators=(",", ":"),
-    ensure_ascii=False, sort_keys=True) writes (tests/test_events.py checks it). sort_keys=False:
-    the outer object's keys in their own order (the wire protocol's headers)."""
-    if sort_keys or not isinstance(ev, dict):
-        return _encode(ev)
-    return "{" + ",".join(_quote(str(k)) + ":" + _encode(v) for k, v in ev.items()) + "}"
-
-
-def _encode(v) -> str:
-    if isinstance(v, str):
-        return _quote(v)
-    if v is True:
-        return "true"
-    if v is False:
-        return "false"
-    if v is None:
-        return "null"
-    if isinstance(v, int):
-        return int.__repr__(v)
-    if isinstance(v, float):
-        if v != v or v in (float("inf"), float("-inf")):
-            raise EventError(f"{v!r} has no JSON form")
-        return float.__repr__(v)
-    if isinstance(v, dict):
-        return "{" + ",".join(_quote(str(k)) + ":" + _encode(v[k]) for k in sorted(v)) + "}"
-    if isinstance(v, (list, tuple)):
-        return "[" + ",".join(_encode(x) for x in v) + "]"
-    raise EventError(f"a {type(v).__name__} ({v!r}) has no JSON form")
 
 
 def from_json(text: str | bytes) -> dict:

@@ -22,10 +22,10 @@ import struct
 
 # The headers are JSON, read and written without the json package: importing it (re, enum)
 # was 9 ms of every session's start in the wrapper. The scanner is the C one json.loads itself
-# uses; the writer is sshtrail.events' (compact, UTF-8).
+# uses; the writer is sshtrail.jsontext (compact, UTF-8).
 from _json import make_scanner as _make_scanner
 
-from .events import to_json as _to_json
+from .jsontext import to_json as _to_json
 
 MAX_MESSAGE = 8 << 20
 # The most bytes of frames one recording chunk may hold: a frames message's payload is stored

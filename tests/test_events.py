@@ -95,21 +95,3 @@ def test_parse_time_agrees_with_calendar_across_dates():
         events.parse_time("2024-01-01T00:00:00.000000Z")  # the day in the fast path's cache
         with pytest.raises(events.EventError):
             events.parse_time(bad)
-
-
-def test_to_json_is_exactly_json_dumps():
-    import json
-    cases = [
-        full("user.login", login="al\u00e9 \"q\" \\ \x01 \u2028 \U0001F600", success=False,
-             method="password", error="bad_password", attempts=3, ratio=0.1, none=None,
-             **{"addr.remote": "[::1]:22"}),
-        full("session.command", sid="s", pid=1, path="/bin/x", argv=["a", "", "b c"],
-             return_code=-2, nested={"z": [1, 2.5, True], "a": {}}),
-    ]
-    for ev in cases:
-        assert events.to_json(ev) == json.dumps(ev, separators=(",", ":"), ensure_ascii=False,
-                                                sort_keys=True)
-    with pytest.raises(events.EventError, match="no JSON form"):
-        events.to_json({"x": float("nan")})
-    with pytest.raises(events.EventError, match="no JSON form"):
-        events.to_json({"x": object()})
