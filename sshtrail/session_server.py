@@ -26,6 +26,9 @@ from . import events, procfs, sessionid, wire
 from .spool import Spool, SpoolError
 
 log = logging.getLogger("sshtrail.agent.sessions")
+# Spool connections kept open for the next wrapper (more are opened while more sessions talk at
+# once, and closed once they are done).
+IDLE_SPOOLS = 8
 
 
 class PeerRefused(Exception):
@@ -100,6 +103,7 @@ class _Handler(socketserver.BaseRequestHandler):
         finally:
             if session and not session.get("ended") and not self.server.stopping.is_set():
                 self.server.lost(session)
+            self.server.release_spool()
 
 
 class SessionServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
@@ -115,6 +119,10 @@ class SessionServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         self.strict_for = strict_for or cfg.strict_for  # (login, gid) -> must be recorded
         self.stopping = threading.Event()
         self._local = threading.local()
+        # Spool connections between wrappers: each connection has a thread, and a thread its
+        # own connection (SQLite's), taken from here and given back when it is done.
+        self._idle: list[Spool] = []
+        self._idle_lock = threading.Lock()
         path = cfg["agent.socket"]
         os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
         if os.path.exists(path):
@@ -125,17 +133,41 @@ class SessionServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 
     @property
     def spool(self) -> Spool:
-        # sqlite connections belong to one thread each.
-        if not hasattr(self._local, "spool"):
-            # NORMAL: a batch survives the agent being killed (what the wrapper's re-send
-            # covers) without an fsync per 256 KiB of someone's terminal output.
-            self._local.spool = Spool.from_config(self.cfg, synchronous="NORMAL")
-        return self._local.spool
+        spool = getattr(self._local, "spool", None)
+        if spool is None:
+            with self._idle_lock:
+                spool = self._idle.pop() if self._idle else None
+            if spool is None:
+                # NORMAL: a batch survives the agent being killed (what the wrapper's re-send
+                # covers) without an fsync per 256 KiB of someone's terminal output.
+                spool = Spool.from_config(self.cfg, synchronous="NORMAL", any_thread=True)
+            self._local.spool = spool
+        return spool
+
+    def release_spool(self) -> None:
+        """The calling thread is done with its spool connection: keep it for the next one."""
+        spool = getattr(self._local, "spool", None)
+        if spool is None:
+            return
+        self._local.spool = None
+        if spool.db.in_transaction:  # left half-way by an error: not for anyone else
+            spool.close()
+            return
+        with self._idle_lock:
+            keep = len(self._idle) < IDLE_SPOOLS and not self.stopping.is_set()
+            if keep:
+                self._idle.append(spool)
+        if not keep:
+            spool.close()
 
     def stop(self) -> None:
         self.stopping.set()
         self.shutdown()
         self.server_close()
+        with self._idle_lock:
+            idle, self._idle = self._idle, []
+        for spool in idle:
+            spool.close()
         try:
             os.unlink(self.cfg["agent.socket"])
         except OSError:

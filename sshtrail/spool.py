@@ -117,7 +117,7 @@ class Batch:
 class Spool:
     def __init__(self, path: str | os.PathLike, *, server_id: str = "", server_hostname: str = "",
                  max_bytes: int = 1 << 30, on_full: str = "drop_new", busy_timeout: float = 2.0,
-                 synchronous: str = "FULL"):
+                 synchronous: str = "FULL", any_thread: bool = False):
         self.path = os.fspath(path)
         self.server_id = server_id
         self.server_hostname = server_hostname
@@ -126,7 +126,7 @@ class Spool:
         self.chunk_dir = self.path + ".chunks"
         self._fsync_chunks = synchronous != "NORMAL"
         self._doomed: list[str] = []  # chunk files whose rows are deleted, once that commits
-        self._db = self._open(busy_timeout, synchronous)
+        self._db = self._open(busy_timeout, synchronous, any_thread)
 
     @classmethod
     def from_config(cls, cfg, **kw) -> "Spool":
@@ -134,7 +134,8 @@ class Spool:
                    max_bytes=cfg["spool.max_bytes"], on_full=cfg["spool.on_full"],
                    busy_timeout=cfg["spool.busy_timeout"], **kw)
 
-    def _open(self, busy_timeout: float, synchronous: str) -> sqlite3.Connection:
+    def _open(self, busy_timeout: float, synchronous: str, any_thread: bool
+              ) -> sqlite3.Connection:
         try:
             os.makedirs(os.path.dirname(self.path) or ".", mode=0o700, exist_ok=True)
             # Created root-only before SQLite opens it: SQLite gives the -wal and -shm files
@@ -148,7 +149,10 @@ class Spool:
                                      | os.O_CLOEXEC, 0o600))
                 except FileExistsError:
                     pass  # another writer made it first
-            db = sqlite3.connect(self.path, timeout=busy_timeout, isolation_level=None)
+            # any_thread: one thread at a time, handed on (the agent's session server reuses a
+            # connection for the next wrapper: opening one cost every session's hello ~0.7 ms).
+            db = sqlite3.connect(self.path, timeout=busy_timeout, isolation_level=None,
+                                 check_same_thread=not any_thread)
             wal.turn_on(db, busy_timeout)
             db.execute(f"PRAGMA synchronous={'NORMAL' if synchronous == 'NORMAL' else 'FULL'}")
             if db.execute("PRAGMA user_version").fetchone()[0] != SCHEMA_VERSION:

@@ -71,3 +71,26 @@ def test_pam_calls_are_taken_from_root_only_and_for_this_spool(server):
     assert not server.spool.db.execute("SELECT count(*) FROM pam_attempts").fetchone()[0]
     assert server.handle_message(None, 4242, 0, mine, b"") == ({"type": "ack", "seq": "pam"}, None)
     assert server.spool.db.execute("SELECT login FROM pam_attempts").fetchall() == [("bob",)]
+
+
+def test_spool_connections_are_handed_from_one_wrapper_to_the_next(server):
+    import threading
+
+    def one_connection(into):
+        into.append(server.spool)
+        server.release_spool()
+
+    first = server.spool
+    server.release_spool()
+    seen = []
+    t = threading.Thread(target=one_connection, args=(seen,))
+    t.start()
+    t.join()
+    assert seen == [first]  # opened once, used by another thread after (any_thread)
+    assert server.spool is first
+    # One left in the middle of a transaction (an error half-way) is not handed on.
+    first.db.execute("BEGIN IMMEDIATE")
+    server.release_spool()
+    assert server.spool is not first
+    with pytest.raises(Exception, match="closed"):
+        first.db.execute("SELECT 1")
