@@ -12,7 +12,8 @@ once, in `agent.ebpf_unavailable`.
 A session must be followed before its wrapper starts the user's program, or a short command
 would run unseen: the session server calls track() before it welcomes the wrapper. BCC's
 objects are not thread-safe, so a lock serialises track() with the polling thread, which holds
-it for short polls only. Part of the agent (an entry point): it may import the ebpf component.
+it while it handles what a poll brought, never while it waits for events (a hello waited up to
+20 ms for that). Part of the agent (an entry point): it may import the ebpf component.
 """
 from __future__ import annotations
 
@@ -108,10 +109,13 @@ class HostEvents:
                         # Read from /proc outside the lock: a wrapper's hello waits for it.
                         next_listeners = now + LISTENERS_EVERY
                         listeners = self._connections.new_listeners()
+                    # The wait is most of a quiet host's loop, and a wrapper's hello waits for
+                    # the lock (track): it waits outside it.
+                    tracer.wait(20)
                     with self._lock:
                         for pid in listeners:
                             self._follow(tracer, pid)
-                        tracer.poll(20)
+                        tracer.flush()
                         lost = tracer.lost()
                         placed = self._connections.ready(spool.db, time.monotonic())
                         forgotten = {}

@@ -454,6 +454,38 @@ def test_untrack_stops_reporting(trace, shells):
     assert not [e for e in trace.of(sh.key) if e.get("path") == "/etc/os-release"]
 
 
+def test_track_takes_in_the_descendants_a_process_already_has(trace, tmp_path):
+    # A child forked by a second thread (listed under that thread in /proc), and its own child:
+    # both born before track(), both followed after it.
+    for name in ("child", "grandchild"):
+        (tmp_path / name).write_text("x")
+    code = ("import os, sys, threading\n"
+            "def spawn():\n"
+            "    if os.fork() == 0:\n"
+            "        if os.fork() == 0:\n"
+            "            os.read(0, 1); os.close(os.open(sys.argv[1] + '/grandchild', 0)); os._exit(0)\n"
+            "        print('ready', flush=True)  # the grandchild is born\n"
+            "        os.read(0, 1); os.close(os.open(sys.argv[1] + '/child', 0)); os.wait(); os._exit(0)\n"
+            "    os.wait()\n"
+            "t = threading.Thread(target=spawn); t.start(); t.join()\n")
+    p = subprocess.Popen([PYTHON, "-c", code, str(tmp_path)], stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, env=ENV)
+    try:
+        assert p.stdout.readline() == b"ready\n"
+        key = next(_keys)
+        trace.tracer.track(p.pid, key)
+        assert len([pid for pid, k in trace.tracer.tracked().items() if k == key]) == 3
+        p.stdin.write(b"xx")
+        p.stdin.close()
+        assert p.wait(10) == 0
+        for name in ("child", "grandchild"):
+            trace.wait_for(lambda e: e["key"] == key and e.get("path") == str(tmp_path / name))
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
 def test_track_of_a_gone_process_raises(trace):
     p = subprocess.Popen(["true"])
     p.wait()

@@ -233,6 +233,38 @@ def test_sessions_whose_processes_are_all_gone_are_forgotten(tmp_path):
         hosts.stop()
 
 
+@needs_bcc
+def test_the_tracer_waits_for_events_without_the_lock_a_hello_takes(tmp_path):
+    # track() runs inside a wrapper's hello, which the session waits for: while the tracer's
+    # thread held the lock through its 20 ms waits, eBPF added 41-69 ms to every session's
+    # setup (bench/pty, "with host events on").
+    import json
+    from sshtrail import config, host_events
+    cfg = config.parse(f'[spool]\npath = {json.dumps(str(tmp_path / "spool.db"))}\n'
+                       '[ebpf]\nenabled = true\n')
+    hosts = host_events.HostEvents(cfg)
+    try:
+        assert hosts.ready.wait(120) and hosts.loaded, hosts.reason
+        tracer, held = hosts._tracer, []
+        real_wait = tracer.wait
+
+        def wait(timeout_ms):
+            held.append(hosts._lock.locked())
+            real_wait(timeout_ms)
+        tracer.wait = wait
+        deadline = time.monotonic() + 10
+        while len(held) < 5 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert len(held) >= 5 and not any(held)
+        # And a session tracked meanwhile is followed.
+        p = subprocess.Popen(["sh", "-c", "read x; true"], stdin=subprocess.PIPE)
+        hosts.track(p.pid, "meanwhile", "u")
+        assert p.pid in tracer.tracked()
+        p.communicate(b"\n", timeout=10)
+    finally:
+        hosts.stop()
+
+
 @pytest.fixture
 def trail_without_bcc(lab_factory):
     from trail import Trail
