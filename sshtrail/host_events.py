@@ -12,8 +12,8 @@ once, in `agent.ebpf_unavailable`.
 A session must be followed before its wrapper starts the user's program, or a short command
 would run unseen: the session server calls track() before it welcomes the wrapper. BCC's
 objects are not thread-safe, so a lock serialises track() with the polling thread, which holds
-it while it handles what a poll brought, never while it waits for events (a hello waited up to
-20 ms for that). Part of the agent (an entry point): it may import the ebpf component.
+it while it handles what a poll brought, never while it waits for events (when it did, hellos
+waited through its waits, and host events added 41-69 ms to every session's setup). Part of the agent (an entry point): it may import the ebpf component.
 """
 from __future__ import annotations
 
