@@ -36,6 +36,9 @@
 #ifndef RINGBUF_PAGES
 #define RINGBUF_PAGES 512   // ring buffer size in pages, a power of two
 #endif
+#ifndef MAX_CONNECTING
+#define MAX_CONNECTING 10240   // tracked TCP connects waiting for their handshake at once
+#endif
 #ifndef MAX_PROCS
 #define MAX_PROCS 65536     // processes (and threads) of tracked sessions alive at once
 #endif
@@ -548,7 +551,11 @@ struct connecting {
     char comm[TASK_COMM_LEN];
     struct bound dst;
 };
-BPF_TABLE("lru_hash", u64, struct connecting, connecting, 10240);
+// Not an LRU: one would make room by dropping the oldest connect still in progress, whose outcome
+// would then never be told, nor counted (a session could open connects nobody answers to push a
+// real one out). Full, a new connect's outcome is counted lost. Every entry goes: each socket
+// in SYN_SENT leaves it, for ESTABLISHED or CLOSE.
+BPF_HASH(connecting, u64, struct connecting, MAX_CONNECTING);
 BPF_HASH(connect_sock, u32, u64, 10240);   // thread in connect(2) -> its socket's skaddr
 
 static __always_inline void submit_outcome(struct connecting *c, u32 state)
@@ -588,8 +595,12 @@ static __always_inline void connect_state(const void *skaddr, int oldstate, int 
                                .uid = (u32)bpf_get_current_uid_gid(),
                                .state = CONN_IN_SYSCALL};
         bpf_get_current_comm(&c.comm, sizeof(c.comm));
-        if (connecting.update(&sk, &c) < 0 || connect_sock.update(&tid, &sk) < 0)
+        if (connecting.update(&sk, &c) < 0) {
             count_lost(pe->key);
+        } else if (connect_sock.update(&tid, &sk) < 0) {
+            connecting.delete(&sk);   // its syscall's exit could not find it: nothing would
+            count_lost(pe->key);
+        }
         return;
     }
     if (oldstate != 2 /* TCP_SYN_SENT */)

@@ -202,13 +202,16 @@ class Tracer:
     ringbuf_pages: size of the ring buffer in pages (a power of two); events that do not fit
         before the next poll() are counted by lost().
     max_procs: processes and threads of all sessions alive at once.
+    max_connecting: TCP connects of all sessions waiting for their handshake at once (past it,
+        a connect's outcome is counted by lost()).
     """
 
     def __init__(self, on_events: Callable[[list[dict]], None], *,
                  max_args: int = 128, max_arg_len: int = 512, max_argv_bytes: int = 8192,
                  max_path: int = 1024, kinds: Iterable[str] = KINDS,
                  ignore_prefixes: Iterable[str] = IGNORE_PREFIXES,
-                 ringbuf_pages: int = 512, max_procs: int = 65536, batch_size: int = 512):
+                 ringbuf_pages: int = 512, max_procs: int = 65536, max_connecting: int = 10240,
+                 batch_size: int = 512):
         kinds = tuple(kinds)
         unknown = set(kinds) - set(KINDS)
         if unknown:
@@ -245,7 +248,8 @@ class Tracer:
         cflags = [
             f"-DMAX_ARGS={max_args}", f"-DMAX_ARG_LEN={max_arg_len}", f"-DARGS_BUF={args_buf}",
             f"-DMAX_PATH={max_path}", f"-DRINGBUF_PAGES={ringbuf_pages}",
-            f"-DMAX_PROCS={max_procs}", "-Wno-macro-redefined",
+            f"-DMAX_PROCS={max_procs}", f"-DMAX_CONNECTING={max_connecting}",
+            "-Wno-macro-redefined",
         ] + [f"-DWANT_{k.upper()}" for k in kinds]
         with _capture_stderr() as log:
             try:
