@@ -1,6 +1,7 @@
 """A real OpenSSH client on a pseudo-terminal: what a person at a terminal does, for tests and
 the demo."""
 import re
+import select
 import signal
 import time
 
@@ -21,7 +22,9 @@ class Terminal:
     def expect(self, pattern: bytes, timeout=15.0) -> bytes:
         deadline = time.monotonic() + timeout
         while not re.search(pattern, self.seen):
-            if time.monotonic() > deadline:
+            left = deadline - time.monotonic()
+            # select first: a read would wait for ever on a session that stopped sending.
+            if left <= 0 or not select.select([self.p.fd], [], [], left)[0]:
                 raise AssertionError(f"{pattern!r} not seen; got {self.seen[-500:]!r}")
             try:
                 self.seen += self.p.read(65536)
