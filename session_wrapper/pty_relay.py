@@ -6,7 +6,9 @@ SIGWINCH resizes our pty and records an "r" frame; SIGCHLD ends the loop once th
 gone and its output drained. Output passes through a buffer of at most OUT_CAP bytes, with both
 sides non-blocking: we keep reading the program while sshd drains the terminal (pipelined, not
 lockstep), and stop reading when the buffer is full (a slow client slows the program, nothing
-piles up). The agent never holds anything up: frames go to AgentClient, which batches them and
+piles up). Input likewise, through at most IN_CAP bytes: a program that reads no input while it
+writes (a paste into `yes`) must not stop its output, as sshd alone would not; waiting for it
+to take the input, the relay would stop reading its output, and both would wait for ever. The agent never holds anything up: frames go to AgentClient, which batches them and
 sends only when its socket is writable.
 """
 from __future__ import annotations
@@ -28,6 +30,7 @@ CHUNK = 65536
 # One pass takes what the pty has (a pty hands out ~4 KiB per read) into one frame: a frame per
 # 4 KiB cost the relay half its CPU.
 OUT_CAP = 256 * 1024
+IN_CAP = CHUNK  # past it, sshd holds the client's input, as it does for a program of its own
 
 
 def get_winsize(fd: int) -> tuple[int, int]:
@@ -43,6 +46,7 @@ def set_winsize(fd: int, cols: int, rows: int) -> None:
 
 
 def _write_all(fd: int, data: bytes) -> None:
+    """Blocking, for the end: the program is gone, and sshd takes what it left."""
     view = memoryview(data)
     while view:
         try:
@@ -53,6 +57,20 @@ def _write_all(fd: int, data: bytes) -> None:
             select.select([], [fd], [])
             continue
         view = view[n:]
+
+
+def _give(master: int, data) -> bytearray:
+    """Write what the program's pty takes of `data` now; returns what is left for later. Once
+    the program's side is gone (EIO), nothing is: what it never read goes with it."""
+    try:
+        n = os.write(master, data)
+    except BlockingIOError:
+        n = 0
+    except OSError as e:
+        if e.errno != errno.EIO:
+            raise
+        return bytearray()
+    return bytearray(data[n:]) if n < len(data) else bytearray()
 
 
 def _register(poller, fd: int, old: int, new: int) -> int:
@@ -95,6 +113,7 @@ def relay(path: str, argv: list[str], env: dict, client, *, record_input: bool,
     master_open = True
     hung_up = False
     out = bytearray()
+    inq = bytearray()  # input the program has not taken yet
     os.set_blocking(1, False)  # fd 0 shares it (sshd's pty): poll says when each may go
     IN, OUT = select.POLLIN, select.POLLOUT
     poller = select.poll()
@@ -108,10 +127,10 @@ def relay(path: str, argv: list[str], env: dict, client, *, record_input: bool,
     now = monotonic()
     try:
         while True:
-            ev = IN if master_open and len(out) < OUT_CAP else 0
+            ev = ((IN if len(out) < OUT_CAP else 0) | (OUT if inq else 0)) if master_open else 0
             if ev != m_ev:
                 m_ev = _register(poller, master, m_ev, ev)
-            ev = IN if stdin_open else 0
+            ev = IN if stdin_open and len(inq) < IN_CAP else 0
             if ev != in_ev:
                 in_ev = _register(poller, 0, in_ev, ev)
             ev = OUT if out else 0
@@ -156,7 +175,7 @@ def relay(path: str, argv: list[str], env: dict, client, *, record_input: bool,
                     done, st = os.waitpid(pid, os.WNOHANG)
                     if done:
                         status = st
-            if r_master:
+            if r_master & ~OUT:
                 # One read per wakeup: a second one mostly finds nothing, and a read that fails
                 # with EAGAIN costs as much as one that works.
                 try:
@@ -182,8 +201,10 @@ def relay(path: str, argv: list[str], env: dict, client, *, record_input: bool,
                         out += data
                 elif data is not None:
                     master_open = False
-            elif status is not None and m_ev:
+            elif status is not None and m_ev & IN:
                 master_open = False  # the program is gone and nothing more waits on its pty
+            if inq and (r_master & OUT or not master_open):
+                inq = _give(master, inq) if master_open else bytearray()
             if out and r_out:
                 try:
                     del out[:write(1, out)]
@@ -201,7 +222,7 @@ def relay(path: str, argv: list[str], env: dict, client, *, record_input: bool,
                 elif data:
                     if record_input:
                         client.add(b"i", data, now)
-                    _write_all(master, data)  # non-blocking pty: waits for room, loses nothing
+                    inq = _give(master, inq + data if inq else data)
             if r_agent:
                 if r_agent & OUT:
                     client.pump_write()

@@ -66,6 +66,27 @@ def test_interactive_session_recorded_resized_and_exit_status(trail):
     assert r.returncode == 0 and b"second-42" in r.stdout
 
 
+def test_a_paste_into_a_program_that_reads_no_input_leaves_its_output_flowing(trail):
+    # sshd alone keeps relaying such a program's output whatever waits in its input (a paste
+    # into `yes`, a build): a relay that waited for the program to take the input stopped
+    # reading its output, and both waited for ever.
+    user = trail.lab.add_user("paste")
+    program = ("python3 -c \"import time\nfor i in range(2000): print('line', i, flush=True); "
+               "time.sleep(0.001)\nprint('DONE')\"")
+    term = Terminal(trail.lab, user, program)
+    term.expect(rb"line 10\r")
+
+    def paste():
+        try:
+            for i in range(4000):  # 228 KB: more than the ptys and the relay hold
+                term.send(f"pasted line {i:05d} {'.' * 40}\n")
+        except OSError:
+            pass  # the session ended first
+    threading.Thread(target=paste, daemon=True).start()
+    term.expect(rb"DONE", timeout=30)
+    assert term.wait() == 0
+
+
 def test_a_short_sessions_login_and_recording_share_the_sid(trail):
     # The PAM hook runs after the login (pam_module/detach.sh defers it), by when a session
     # this short has ended and its sshd, which the sid is derived from, is gone.
