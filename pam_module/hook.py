@@ -53,6 +53,9 @@ _ENV = ("PAM_TYPE", "PAM_USER", "PAM_SERVICE", "PAM_TTY", "PAM_RHOST", "SSH_CONN
         "SSH_AUTH_INFO_0")
 # Of pam.timeout, what a hook keeps for writing a call itself when the agent did not confirm.
 _LOCAL_RESERVE = 0.5
+# What a call's time may lag the moment of the call by: detach.sh reads /proc/uptime, which
+# counts in hundredths of a second.
+_CALL_CLOCK_STEP = 0.01
 # close_session's child may run before open_session's child has written (a session of a few
 # ms); it waits this long for the start row to compute the duration.
 _CLOSE_WAITS_FOR_OPEN = 2.0
@@ -249,13 +252,18 @@ def record(cfg, call: PamCall, spool=None, on_login=None) -> None:
                 on_login(call.ppid, call.ppid_start, start["sid"], call.user)
         elif call.type == "close_session":
             row = _wait_for_start(spool, call)
+            sid = row[0] if row else call.sid(spool.server_id)
             # Each call's time is when PAM made it, to a hundredth of a second (detach.sh), or
-            # when a fail-closed hook ran: an end never precedes its start all the same.
+            # when a fail-closed hook ran: an end never precedes its start all the same, nor,
+            # within that hundredth, the end of the session's recording (PAM closes a session
+            # once its wrapper has ended it: the end would be listed before the wrapper's exec).
             at = max(call.now, row[1]) if row else call.now
+            recording = spool.recording(sid)
+            ended = recording and recording["ended"]
+            if ended and at < ended < at + _CALL_CLOCK_STEP:
+                at = ended
             end = events.new("session.end", at=at, uid=call.uid("session.end", at),
-                             login=call.user,
-                             sid=row[0] if row else call.sid(spool.server_id),
-                             **{"addr.remote": call.addr})
+                             login=call.user, sid=sid, **{"addr.remote": call.addr})
             if row:
                 end["duration"] = round(at - row[1], 6)
             else:

@@ -263,28 +263,28 @@ class SessionServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     def _end(self, session, header):
         sid, login = session["sid"], session["login"]
         row = self.spool.recording(sid)
-        now = time.time()
+        now = time.time()  # the events' time and the recording's end: the same instant
         status = header.get("exit_status")
         status = status if isinstance(status, int) and not isinstance(status, bool) else None
         evs = []
         common = {"sid": sid, "login": login}
         duration = round(now - row["started"], 6)
         if row["mode"] == "exec":
-            evs.append(events.new("exec", command=row["command"], exit_status=status,
+            evs.append(events.new("exec", at=now, command=row["command"], exit_status=status,
                                   bytes_in=_int(header.get("bytes_in"), 0),
                                   bytes_out=_int(header.get("bytes_out"), 0),
                                   duration=duration, **common))
         if row["chunks"] or row["mode"] == "interactive":
-            evs.append(events.new("session.recording", size=row["bytes_out"],
+            evs.append(events.new("session.recording", at=now, size=row["bytes_out"],
                                   stored=row["stored_bytes"], duration=duration,
                                   exit_status=status, **common))
         dropped = _int(header.get("dropped_bytes"), 0)
         if dropped:
-            evs.append(events.new("session.recording_failed", reason=(
+            evs.append(events.new("session.recording_failed", at=now, reason=(
                 f"{dropped} bytes of output were not recorded: the agent was slow or away and "
                 "the wrapper's buffer was full"), dropped_bytes=dropped, **common))
         if row["dropped_bytes"]:
-            evs.append(events.new("session.recording_failed", reason=(
+            evs.append(events.new("session.recording_failed", at=now, reason=(
                 f"{row['dropped_bytes']} bytes of output were not recorded: the spool was full "
                 f"(spool.max_bytes) of events not yet delivered"),
                 dropped_bytes=row["dropped_bytes"], **common))

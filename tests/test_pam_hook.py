@@ -274,6 +274,34 @@ def test_a_call_written_twice_is_kept_once(cfg_path):
                                                        "session.end"]
 
 
+@pytest.mark.parametrize("lag,placed_at_recording_end", [(0.004, True), (0.05, False)])
+def test_a_session_end_is_not_listed_before_the_recording_it_follows(cfg_path, lag,
+                                                                    placed_at_recording_end):
+    # PAM closes a session after its wrapper ended the recording, but the call's time counts in
+    # hundredths (/proc/uptime): within one, the end is placed at the recording's end, not
+    # before the wrapper's exec event; a call further off keeps its own time.
+    cfg = config.load(cfg_path)
+    env = {"PAM_USER": "alice", "PAM_SERVICE": "sshd", "PAM_RHOST": "127.0.0.1",
+           "SSH_CONNECTION": "127.0.0.1 50504 127.0.0.1 22",
+           "SSH_AUTH_INFO_0": f"publickey ssh-ed25519 {KEY}\n"}
+    t = time.time() - 10
+    hook.record(cfg, hook.PamCall(dict(env, PAM_TYPE="open_session"), os.getpid(), t))
+    (start,) = spooled(cfg_path, kind="session.start")
+    s = Spool.from_config(cfg)
+    try:
+        s.start_recording(sid=start["sid"], login="alice", mode="exec", command="true",
+                          term="", cols=0, rows=0, started=t + 0.5, wrapper_pid=1,
+                          wrapper_start=1)
+        s.end_recording(start["sid"], ended=t + 1.0 + lag, exit_status=0, end_reason="exited")
+    finally:
+        s.close()
+    hook.record(cfg, hook.PamCall(dict(env, PAM_TYPE="close_session"), os.getpid(), t + 1.0))
+    (end,) = spooled(cfg_path, kind="session.end")
+    expected = t + 1.0 + lag if placed_at_recording_end else t + 1.0
+    assert end["time"] == events.format_time(expected)
+    assert end["duration"] == round(expected - t, 6)
+
+
 def test_a_call_is_stamped_when_pam_made_it_not_when_its_hook_ran(cfg_path):
     # The detached hooks of one login start in any order on a busy host. Stamped when each ran,
     # an account attempt written after the session that granted it looked later than the grant,
