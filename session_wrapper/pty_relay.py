@@ -8,8 +8,9 @@ sides non-blocking: we keep reading the program while sshd drains the terminal (
 lockstep), and stop reading when the buffer is full (a slow client slows the program, nothing
 piles up). Input likewise, through at most IN_CAP bytes: a program that reads no input while it
 writes (a paste into `yes`) must not stop its output, as sshd alone would not; waiting for it
-to take the input, the relay would stop reading its output, and both would wait for ever. The agent never holds anything up: frames go to AgentClient, which batches them and
-sends only when its socket is writable.
+to take the input, the relay would stop reading its output, and both would wait for ever. The
+agent never holds anything up: frames go to AgentClient, which batches them and sends only
+when its socket is writable.
 """
 from __future__ import annotations
 
@@ -59,18 +60,17 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[n:]
 
 
-def _give(master: int, data) -> bytearray:
-    """Write what the program's pty takes of `data` now; returns what is left for later. Once
-    the program's side is gone (EIO), nothing is: what it never read goes with it."""
+def _to_program(master: int, data) -> int:
+    """Write what the program's pty takes of `data` now; returns how many bytes are done with.
+    Once the program's side is gone (EIO), all of them: what it never read goes with it."""
     try:
-        n = os.write(master, data)
+        return os.write(master, data)
     except BlockingIOError:
-        n = 0
+        return 0
     except OSError as e:
         if e.errno != errno.EIO:
             raise
-        return bytearray()
-    return bytearray(data[n:]) if n < len(data) else bytearray()
+        return len(data)
 
 
 def _register(poller, fd: int, old: int, new: int) -> int:
@@ -204,7 +204,7 @@ def relay(path: str, argv: list[str], env: dict, client, *, record_input: bool,
             elif status is not None and m_ev & IN:
                 master_open = False  # the program is gone and nothing more waits on its pty
             if inq and (r_master & OUT or not master_open):
-                inq = _give(master, inq) if master_open else bytearray()
+                del inq[:_to_program(master, inq) if master_open else len(inq)]
             if out and r_out:
                 try:
                     del out[:write(1, out)]
@@ -222,7 +222,10 @@ def relay(path: str, argv: list[str], env: dict, client, *, record_input: bool,
                 elif data:
                     if record_input:
                         client.add(b"i", data, now)
-                    inq = _give(master, inq + data if inq else data)
+                    if inq:  # the program has not taken what came before: after it
+                        inq += data
+                    else:
+                        inq += data[_to_program(master, data):]
             if r_agent:
                 if r_agent & OUT:
                     client.pump_write()

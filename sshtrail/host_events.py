@@ -13,7 +13,8 @@ A session must be followed before its wrapper starts the user's program, or a sh
 would run unseen: the session server calls track() before it welcomes the wrapper. BCC's
 objects are not thread-safe, so a lock serialises track() with the polling thread, which holds
 it while it handles what a poll brought, never while it waits for events (when it did, hellos
-waited through its waits, and host events added 41-69 ms to every session's setup). Part of the agent (an entry point): it may import the ebpf component.
+waited through its waits, and host events added 41-69 ms to every session's setup). Part of the
+agent (an entry point): it may import the ebpf component.
 """
 from __future__ import annotations
 
