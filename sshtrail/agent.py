@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import signal
 import threading
 import time
@@ -121,12 +122,32 @@ def _strict_policy(cfg):
     return strict_for
 
 
+def _report_refusals(sessions, spool) -> None:
+    try:
+        for ev in sessions.take_refusals():
+            spool.append(ev)
+    except Exception as e:  # noqa: BLE001 - a bad pass must not end the agent
+        log.error("reporting refused connections failed: %s", e)
+
+
+def _raise_open_files_limit() -> None:
+    """Up to the hard limit: each session holds a descriptor of ours, and systemd starts
+    services with a soft limit of 1024 (for select(); nothing here uses it)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (OSError, ValueError) as e:
+            log.warning("could not raise the open-files limit from %d to %d: %s", soft, hard, e)
+
+
 def run(cfg, stop: threading.Event | None = None) -> int:
     """Run until SIGTERM/SIGINT (or `stop` is set). Returns the exit status."""
     stop = stop or threading.Event()
     if threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda *_: stop.set())
+    _raise_open_files_limit()
     spool = Spool.from_config(cfg)
     swept = spool.sweep_chunk_files()  # before any session can send a chunk
     if swept:
@@ -198,6 +219,7 @@ def run(cfg, stop: threading.Event | None = None) -> int:
                         spool.append(ev)
                 except Exception as e:  # noqa: BLE001 - as above
                     log.error("looking for unrecorded processes failed: %s", e)
+                _report_refusals(sessions, spool)
                 try:
                     for ev in unclosed.reap(spool):
                         log.warning("session %s of %s: %s", ev["sid"], ev["login"], ev["message"])
@@ -219,6 +241,7 @@ def run(cfg, stop: threading.Event | None = None) -> int:
             log.error("writing queued PAM calls failed: %s; the next agent writes them", e)
         pam_calls.close()
         sessions.stop()
+        _report_refusals(sessions, spool)
         hosts.stop()
         spool.append(events.new("agent.stop"))
         spool.close()

@@ -64,6 +64,8 @@ TYPES: dict[str, EventType] = {
     "agent.stop": EventType("ST9001I", {}, "the agent stopped"),
     "agent.ebpf_unavailable": EventType("ST9002W", {"reason": str}, "host events are off"),
     "ebpf.lost": EventType("ST9003W", {"count": int}, "the tracer lost events"),
+    "agent.peer_refused": EventType("ST9004W", {"user_id": int, "count": int, "reason": str},
+                                    "connections to the agent's session socket it refused"),
     "spool.dropped": EventType("ST9100W", {"count": int, "reason": str},
                                "events the spool had to drop, and why"),
     "upload.rejected": EventType("ST9200W", {"count": int, "reason": str, "first_seq": int,

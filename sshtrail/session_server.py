@@ -10,6 +10,14 @@ once it is in the spool, so a wrapper re-sends whatever an agent that died never
 
 PAM hooks (root, by SO_PEERCRED) hand their calls over here too, to be written by a process
 that has the spool open already (pam_module.hook._via_agent).
+
+Anyone may connect (the socket is 0666), a session's user included, who may want recording to
+stop for everyone: each connection costs the agent a thread and a descriptor until it ends. So
+a connection must say hello within HELLO_TIMEOUT (a wrapper says it as it connects), and a
+user may have at most PENDING_PER_UID connections that have not said it yet; more are closed
+as they are accepted, before any thread is started for them. Refused connections become
+`agent.peer_refused` events, counted per user (take_refusals), so a flood is seen, not stored
+one event per connection.
 """
 from __future__ import annotations
 
@@ -29,6 +37,12 @@ log = logging.getLogger("sshtrail.agent.sessions")
 # Spool connections kept open for the next wrapper (more are opened while more sessions talk at
 # once, and closed once they are done).
 IDLE_SPOOLS = 8
+# What a connection that is not a wrapper's may hold up (see the module's docstring). One user's
+# sessions starting at once each say hello within milliseconds of connecting.
+HELLO_TIMEOUT = 5.0
+PENDING_PER_UID = 32
+# Root's connections are PAM hooks' calls and are not counted: root needs no flood to stop us.
+_UNCOUNTED_UID = 0
 
 
 class PeerRefused(Exception):
@@ -55,6 +69,13 @@ def sshd_monitor_of(pid: int, uid: int) -> tuple[int, str | None]:
     return monitor, shell
 
 
+def _child_of_sshd(pid: int) -> bool:
+    try:
+        return procfs.is_sshd(procfs.parent(pid))
+    except (OSError, ValueError):
+        return False
+
+
 def _runs_login_shell(pid: int, uid: int) -> bool:
     """The process runs as `uid` and its program is that user's login shell (the kernel's
     word, /proc/PID/exe)."""
@@ -70,9 +91,10 @@ class _Handler(socketserver.BaseRequestHandler):
 
     def handle(self) -> None:
         sock: socket.socket = self.request
-        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-        pid, uid, _ = struct.unpack("3i", creds)
+        pid, uid = peer_of(sock)
         session = None
+        pending = True  # counted in the server's pending connections until its first message
+        sock.settimeout(self.server.hello_timeout)
         # Receives straight into a buffer kept for the connection: a fresh 1 MiB buffer per
         # receive cost page faults and a copy for every batch of every session.
         reader = wire.Reader(1 << 18)
@@ -83,12 +105,19 @@ class _Handler(socketserver.BaseRequestHandler):
                     break
                 for header, payload in msgs:
                     reply, session = self.server.handle_message(session, pid, uid, header, payload)
+                    if pending:
+                        pending = False
+                        self.server.said_hello(uid)
+                        sock.settimeout(None)
                     if reply:
                         sock.sendall(wire.pack(reply))
                     if header["type"] in ("end", "pam"):
                         return
+        except TimeoutError:  # only while pending: no timeout once it has spoken
+            self.server.refused(uid, pid, f"it sent no whole first message within "
+                                          f"{self.server.hello_timeout:g} s")
         except (PeerRefused, wire.ProtocolError) as e:
-            log.warning("peer pid %d uid %d refused: %s", pid, uid, e)
+            self.server.refused(uid, pid, str(e))
             try:
                 sock.sendall(wire.pack({"type": "refused", "reason": str(e)}))
             except OSError:
@@ -101,9 +130,18 @@ class _Handler(socketserver.BaseRequestHandler):
         except OSError:
             pass
         finally:
+            if pending:
+                self.server.said_hello(uid)
             if session and not session.get("ended") and not self.server.stopping.is_set():
                 self.server.lost(session)
             self.server.release_spool()
+
+
+def peer_of(sock: socket.socket) -> tuple[int, int]:
+    """The connecting process's pid and uid, from the kernel."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, uid, _ = struct.unpack("3i", creds)
+    return pid, uid
 
 
 class SessionServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
@@ -123,6 +161,13 @@ class SessionServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         # own connection (SQLite's), taken from here and given back when it is done.
         self._idle: list[Spool] = []
         self._idle_lock = threading.Lock()
+        # Connections not past their first message, per uid; refusals not yet reported, per uid:
+        # [count, first reason, first pid, first time].
+        self.hello_timeout = HELLO_TIMEOUT
+        self.pending_per_uid = PENDING_PER_UID
+        self._pending: dict[int, int] = {}
+        self._refusals: dict[int, list] = {}
+        self._peers_lock = threading.Lock()
         path = cfg["agent.socket"]
         os.makedirs(os.path.dirname(path), mode=0o755, exist_ok=True)
         if os.path.exists(path):
@@ -159,6 +204,80 @@ class SessionServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
                 self._idle.append(spool)
         if not keep:
             spool.close()
+
+    # -- who may hold a connection -----------------------------------------------------------
+
+    def verify_request(self, request, client_address) -> bool:
+        """socketserver's check, in the accepting thread, before a thread is started for the
+        connection: past its uid's share of pending connections, it is closed at once."""
+        try:
+            pid, uid = peer_of(request)
+        except OSError:
+            return False
+        with self._peers_lock:
+            held = self._pending.get(uid, 0)
+            if uid == _UNCOUNTED_UID or held < self.pending_per_uid:
+                self._pending[uid] = held + 1
+                return True
+        # Past it, a process whose parent is sshd (a wrapper, as ForceCommand starts it) still
+        # comes in: a user flooding the socket must not keep their own sessions unrecorded.
+        if _child_of_sshd(pid):
+            with self._peers_lock:
+                self._pending[uid] = self._pending.get(uid, 0) + 1
+            return True
+        self.refused(uid, pid, f"{held} connections of this user had not said hello yet, the "
+                               f"most one user may hold")
+        try:
+            request.send(wire.pack({"type": "refused", "reason": "too many connections of "
+                                    "yours are waiting; try again"}), socket.MSG_DONTWAIT)
+        except OSError:
+            pass
+        return False
+
+    def process_request(self, request, client_address) -> None:
+        try:
+            super().process_request(request, client_address)  # starts the connection's thread
+        except BaseException:
+            self.said_hello(peer_of(request)[1])  # no thread will
+            raise
+
+    def said_hello(self, uid: int) -> None:
+        """A connection of `uid` is past its first message, or gone before it."""
+        with self._peers_lock:
+            left = self._pending.get(uid, 0) - 1
+            if left > 0:
+                self._pending[uid] = left
+            else:
+                self._pending.pop(uid, None)
+
+    def refused(self, uid: int, pid: int, reason: str) -> None:
+        """Count a refused connection for take_refusals(); the log says the first of each
+        user between two reports, so that a flood does not flood the log either."""
+        with self._peers_lock:
+            seen = self._refusals.get(uid)
+            if seen is None:
+                self._refusals[uid] = [1, reason, pid, time.time()]
+            else:
+                seen[0] += 1
+        if seen is None:
+            log.warning("peer pid %d uid %d refused: %s", pid, uid, reason)
+
+    def take_refusals(self) -> list[dict]:
+        """The refusals since the last call, as one `agent.peer_refused` event per user, at
+        the time of its first."""
+        with self._peers_lock:
+            taken, self._refusals = self._refusals, {}
+        evs = []
+        for uid, (count, reason, pid, at) in sorted(taken.items()):
+            try:
+                login = {"login": pwd.getpwuid(uid).pw_name}
+            except KeyError:
+                login = {}
+            evs.append(events.new(
+                "agent.peer_refused", at=at, user_id=uid, count=count, pid=pid, reason=reason[:1000],
+                message=f"{count} connection(s) to the session socket refused; the first, of "
+                        f"process {pid}: {reason}"[:1000], **login))
+        return evs
 
     def stop(self) -> None:
         self.stopping.set()

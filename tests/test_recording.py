@@ -3,6 +3,7 @@
 import hashlib
 import os
 import re
+import resource
 import signal
 import subprocess
 import threading
@@ -356,6 +357,48 @@ def test_a_process_inside_the_session_cannot_pose_as_a_wrapper(trail):
             "s.sendall(struct.pack('>I', len(h)) + h); print(s.recv(4096)[4:].decode())\"")
     r = trail.lab.ssh(user, fake)
     assert b'"type":"refused"' in r.stdout and b"not started by sshd" in r.stdout
+
+
+def procfs_open_files(pid: int) -> int:
+    """The process's soft limit of open files."""
+    with open(f"/proc/{pid}/limits") as f:
+        (line,) = [line for line in f if line.startswith("Max open files")]
+    return int(line.split()[3])
+
+
+def test_a_user_flooding_the_agents_socket_leaves_no_session_unrecorded(trail):
+    # Anyone may connect to the agent's socket. Connections that never say hello must not tie
+    # up its threads and descriptors: with systemd's 1024 descriptors, 1,100 of them left every
+    # session of every user unrecorded, and the agent unable to write PAM calls.
+    from sshtrail.session_server import HELLO_TIMEOUT, PENDING_PER_UID
+    from test_session_server import SILENT
+    trail.stop_agent()
+    trail.start_agent(open_files=1024)  # as systemd starts it; it takes its hard limit
+    assert procfs_open_files(trail.agent.pid) == resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    user = trail.lab.add_user("flood")
+    n = PENDING_PER_UID + 8
+    flood = subprocess.Popen(["/usr/bin/python3", "-I", "-c", SILENT, str(trail.dir / "agent.sock"),
+                              str(n)], user=user.uid, group=user.gid, stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert flood.stdout.readline().split() == ["held", str(PENDING_PER_UID), "refused", "8"]
+        # Past the user's share, their wrapper still comes in: its parent is sshd.
+        r = trail.lab.ssh(user, "echo recorded-anyway")
+        assert (r.returncode, r.stdout) == (0, b"recorded-anyway\n")
+        evs = trail.wait_for(lambda e: e, type="exec", user=user.login, what="the exec event")
+        assert [e["command"] for e in evs] == ["echo recorded-anyway"]
+        t = time.monotonic()
+        flood.stdin.write("go on\n")
+        flood.stdin.flush()
+        assert flood.stdout.readline().split() == ["closed", str(PENDING_PER_UID)]
+        assert time.monotonic() - t < HELLO_TIMEOUT + 5
+    finally:
+        flood.kill()
+        flood.wait()
+    refused = trail.wait_for(lambda e: sum(x["count"] for x in e) == n, type="agent.peer_refused",
+                             user=user.login, timeout=20, what=f"{n} refused connections")
+    assert "had not said hello yet" in refused[0]["reason"]
+    assert all(e["user_id"] == user.uid for e in refused)
 
 
 def test_user_environment_and_rc_cannot_run_code_around_the_wrapper(trail):

@@ -1,9 +1,17 @@
 """The agent's session server as a wrapper's messages reach it: what it stores and what it
 refuses, before anything of it is in the spool. (The whole path, through a real sshd and
 wrapper, is in test_recording.py.)"""
+import os
+import pwd
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
 import pytest
 
-from sshtrail import config, wire
+from sshtrail import config, events, wire
 from sshtrail.session_server import PeerRefused, SessionServer
 from sshtrail.spool import Spool
 
@@ -94,3 +102,93 @@ def test_spool_connections_are_handed_from_one_wrapper_to_the_next(server):
     assert server.spool is not first
     with pytest.raises(Exception, match="closed"):
         first.db.execute("SELECT 1")
+
+
+# -- who may hold a connection: anyone may connect, a session's user included ----------------
+
+# A process of another user that opens N connections and says nothing on them: prints how many
+# the agent refused at once, then, told to, how many it closed in the end.
+SILENT = r"""
+import select, socket, sys, time
+path, n = sys.argv[1], int(sys.argv[2])
+socks = []
+for _ in range(n):
+    s = socket.socket(socket.AF_UNIX)
+    while True:
+        try:
+            s.connect(path)
+            break
+        except BlockingIOError:  # the listen backlog is full for a moment
+            time.sleep(0.01)
+    socks.append(s)
+time.sleep(0.5)
+held = [s for s in socks if not select.select([s], [], [], 0)[0]]
+refused = [s for s in socks if s not in held and b"refused" in s.recv(4096)]
+print("held", len(held), "refused", len(refused), flush=True)
+sys.stdin.readline()
+closed = sum(1 for s in held if select.select([s], [], [], 15)[0] and s.recv(4096) == b"")
+print("closed", closed, flush=True)
+"""
+
+
+@pytest.fixture
+def serving(tmp_path_factory):
+    import tempfile
+    import threading
+    from pathlib import Path
+    d = Path(tempfile.mkdtemp(prefix="sshtrail-sock-"))
+    os.chmod(d, 0o755)  # the socket is for every user, and so is the way to it
+    values = {k.name: k.default for k in config.DEFAULTS}
+    values.update({"agent.socket": str(d / "agent.sock"),
+                   "spool.path": str(tmp_path_factory.mktemp("spool") / "spool.db")})
+    srv = SessionServer(config.Config(values, None))
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield srv
+    srv.stop()
+    shutil.rmtree(d)
+
+
+def silent_connections(srv, n: int) -> subprocess.Popen:
+    nobody = pwd.getpwnam("nobody")
+    p = subprocess.Popen([sys.executable, "-I", "-c", SILENT, srv.cfg["agent.socket"], str(n)],
+                         user=nobody.pw_uid, group=nobody.pw_gid, stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, text=True)
+    return p
+
+
+def test_a_user_may_hold_only_so_many_silent_connections_and_not_for_long(serving):
+    serving.pending_per_uid, serving.hello_timeout = 4, 1.0
+    nobody = pwd.getpwnam("nobody").pw_uid
+    p = silent_connections(serving, 7)
+    try:
+        assert p.stdout.readline().split() == ["held", "4", "refused", "3"]
+        assert serving._pending == {nobody: 4}
+        p.stdin.write("go on\n")
+        p.stdin.flush()
+        assert p.stdout.readline().split() == ["closed", "4"]  # each after hello_timeout
+    finally:
+        p.kill()
+        p.wait()
+    deadline = time.monotonic() + 5
+    while serving._pending and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert serving._pending == {}  # every connection counted out: none is held against them
+    (ev,) = serving.take_refusals()  # one event for the user, however many connections
+    assert ev["event"] == "agent.peer_refused" and ev["code"] == "ST9004W"
+    assert (ev["user_id"], ev["login"], ev["count"]) == (nobody, "nobody", 7)
+    assert "had not said hello yet" in ev["reason"]  # the first: refused as it came in
+    events.validate(dict(ev, server_id="h", server_hostname="h"))
+    assert serving.take_refusals() == []  # reported once
+
+
+def test_a_connection_that_says_something_wrong_is_refused_and_counted(serving):
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(serving.cfg["agent.socket"])
+    s.sendall(wire.pack({"type": "frames", "seq": 1}))
+    assert b"frames before hello" in s.recv(4096)
+    s.close()
+    deadline = time.monotonic() + 5
+    while not (evs := serving.take_refusals()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert [(e["user_id"], e["count"], e["reason"]) for e in evs] == [
+        (0, 1, "frames before hello")]

@@ -88,17 +88,23 @@ class Trail:
         self.lab.reload()
         return r
 
-    def start_agent(self, *, without_bcc: bool = False) -> None:
+    def start_agent(self, *, without_bcc: bool = False, open_files: int | None = None) -> None:
         """Start `sshtrail agent`. without_bcc: as on a host without python3-bpfcc (no system
-        site-packages: only the virtualenv's packages and this checkout)."""
+        site-packages: only the virtualenv's packages and this checkout). open_files: its soft
+        limit of open files as it starts (systemd gives services 1024)."""
         argv, env = SSHTRAIL + ["agent", "--config", str(self.config)], None
         if without_bcc:
             import site
             env = dict(os.environ, PYTHONPATH=os.pathsep.join(
                 [str(project_root())] + [p for p in site.getsitepackages() if "dist-packages" not in p]))
             argv = [sys.executable, "-S"] + argv[1:]
+        limit = None
+        if open_files is not None:
+            import resource
+            limit = lambda: resource.setrlimit(  # noqa: E731
+                resource.RLIMIT_NOFILE, (open_files, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
         self.agent = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL,
-                                      stderr=open(self.dir / "agent.log", "ab"))
+                                      stderr=open(self.dir / "agent.log", "ab"), preexec_fn=limit)
         self.wait_for(lambda evs: any(e["event"] == "agent.start" for e in evs), what="agent.start")
 
     def stop_agent(self) -> None:
