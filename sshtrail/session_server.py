@@ -41,6 +41,9 @@ IDLE_SPOOLS = 8
 # sessions starting at once each say hello within milliseconds of connecting.
 HELLO_TIMEOUT = 5.0
 PENDING_PER_UID = 32
+# A hello (or a PAM call) is a few hundred bytes: no connection is let buffer megabytes before
+# it has said who it is.
+FIRST_MESSAGE_MAX = 64 << 10
 # Root's connections are PAM hooks' calls and are not counted: root needs no flood to stop us.
 _UNCOUNTED_UID = 0
 
@@ -97,7 +100,7 @@ class _Handler(socketserver.BaseRequestHandler):
         sock.settimeout(self.server.hello_timeout)
         # Receives straight into a buffer kept for the connection: a fresh 1 MiB buffer per
         # receive cost page faults and a copy for every batch of every session.
-        reader = wire.Reader(1 << 18)
+        reader = wire.Reader(1 << 18, limit=FIRST_MESSAGE_MAX)
         try:
             while True:
                 msgs = reader.recv_from(sock)
@@ -109,6 +112,7 @@ class _Handler(socketserver.BaseRequestHandler):
                         pending = False
                         self.server.said_hello(uid)
                         sock.settimeout(None)
+                        reader.limit = wire.MAX_MESSAGE
                     if reply:
                         sock.sendall(wire.pack(reply))
                     if header["type"] in ("end", "pam"):

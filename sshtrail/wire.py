@@ -81,9 +81,10 @@ def pack(header: dict, payload=b"") -> bytes:
 class Reader:
     """Incremental decoder: feed() bytes as they arrive, or recv_from() a socket straight into
     its buffer; get whole messages back. Checks each length before waiting for the body, so a
-    peer cannot make it buffer more than MAX_MESSAGE, and grows only with what actually came."""
+    peer cannot make it buffer more than `limit`, and grows only with what actually came."""
 
-    def __init__(self, size: int = 1 << 16):
+    def __init__(self, size: int = 1 << 16, limit: int = MAX_MESSAGE):
+        self.limit = limit  # the longest message taken; at most MAX_MESSAGE
         self._buf = bytearray(size)
         self._view = memoryview(self._buf)
         self._start = self._end = 0  # the bytes not yet decoded are _buf[_start:_end]
@@ -125,8 +126,8 @@ class Reader:
         start, end = self._start, self._end
         while end - start >= 4:
             (n,) = _LEN.unpack_from(buf, start)
-            if n > MAX_MESSAGE:
-                raise ProtocolError(f"message length {n} is over the {MAX_MESSAGE} limit")
+            if n > self.limit:
+                raise ProtocolError(f"message length {n} is over the {self.limit} limit")
             stop = start + 4 + n
             if stop > end:
                 break

@@ -192,3 +192,15 @@ def test_a_connection_that_says_something_wrong_is_refused_and_counted(serving):
         time.sleep(0.01)
     assert [(e["user_id"], e["count"], e["reason"]) for e in evs] == [
         (0, 1, "frames before hello")]
+
+
+def test_a_first_message_may_not_be_big(serving):
+    # Before it has said who it is, a connection may not make the agent buffer megabytes (32 of
+    # them per user, for 5 s each): a length over FIRST_MESSAGE_MAX is refused as it is read.
+    from sshtrail.session_server import FIRST_MESSAGE_MAX
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(serving.cfg["agent.socket"])
+    s.sendall((FIRST_MESSAGE_MAX + 1).to_bytes(4, "big"))
+    reply = s.recv(4096)
+    assert b'"type":"refused"' in reply and f"over the {FIRST_MESSAGE_MAX} limit".encode() in reply
+    s.close()
