@@ -82,10 +82,21 @@ def _register(poller, fd: int, old: int, new: int) -> int:
     return new
 
 
+def hold_exclusive(fd: int) -> None:
+    """No more opens of the terminal on fd but root's (TIOCEXCL). sshd's pty belongs to the
+    user: a program in the session that opened its /dev/pts/N could write to the client and read
+    from it past the recording. (A tty opened before this keeps its descriptor: see README.)"""
+    try:
+        fcntl.ioctl(fd, termios.TIOCEXCL)
+    except OSError:
+        pass  # not a tty: nothing to hold
+
+
 def relay(path: str, argv: list[str], env: dict, client, *, record_input: bool,
           strict: bool = False) -> int:
     """Run argv in a new pty, relay until it exits; returns its wait status. `strict`: end the
     session if the agent goes away (recording is required)."""
+    hold_exclusive(0)  # before the session's program runs
     cols, rows = get_winsize(0)
     pid, master = os.forkpty()
     if pid == 0:

@@ -232,6 +232,41 @@ def test_wrapper_cannot_be_traced_and_killing_it_ends_the_session(trail):
     assert "went away" in rec["end_reason"]
 
 
+def wrappers_of(user) -> list[int]:
+    found = []
+    for name in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{name}/cmdline", "rb") as f:
+                if b"session_wrapper/shell.py" in f.read() and procfs.real_uid(int(name)) == user.uid:
+                    found.append(int(name))
+        except OSError:
+            pass
+    return found
+
+
+def test_a_program_in_the_session_cannot_reach_the_terminal_around_the_recording(trail):
+    # sshd's pty, the wrapper's fds 0-2, belongs to the user. A program inside the session that
+    # opened it wrote to the client and read from it past the recording (with the wrapper
+    # SIGSTOPped, a whole shell: `bash -i <>/dev/pts/N`). The wrapper holds it exclusive.
+    user = shell_user(trail.lab)
+    term = Terminal(trail.lab, user)
+    term.expect(re.escape(PROMPT))
+    (wrapper,) = wrappers_of(user)
+    outer = os.readlink(f"/proc/{wrapper}/fd/0")
+    assert outer.startswith("/dev/pts/") and os.stat(outer).st_uid == user.uid
+    term.send("echo own-$(tty)\r")
+    own = re.search(rb"own-(/dev/pts/\d+)", term.expect(rb"own-/dev/pts/\d+\r"))[1]
+    assert own != outer.encode()  # the program's terminal is the wrapper's pty, not sshd's
+    term.send(f"echo BY$((0))PASS > {outer}; echo opened-$?\r")
+    term.expect(rb"opened-\d")
+    assert b"opened-1" in term.seen and b"Device or resource busy" in term.seen
+    assert b"BY0PASS" not in term.seen
+    # Its own terminal it opens as ever (/dev/tty: ssh and sudo asking for a password).
+    term.send("echo OWN-$((1+1)) > /dev/tty; exit\r")
+    assert term.wait() == 0
+    assert b"OWN-2" in term.seen
+
+
 def test_agent_down_best_effort_lets_in_and_says_so(trail, syslog_sink):
     user = trail.lab.add_user("be")
     trail.stop_agent()
