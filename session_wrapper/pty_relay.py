@@ -96,7 +96,6 @@ def relay(path: str, argv: list[str], env: dict, client, *, record_input: bool,
           strict: bool = False) -> int:
     """Run argv in a new pty, relay until it exits; returns its wait status. `strict`: end the
     session if the agent goes away (recording is required)."""
-    hold_exclusive(0)  # before the session's program runs
     cols, rows = get_winsize(0)
     pid, master = os.forkpty()
     if pid == 0:

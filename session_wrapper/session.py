@@ -72,6 +72,12 @@ def _exit_like(status: int) -> None:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     make_undumpable()
+    interactive = os.isatty(0)
+    if interactive:
+        # Next: a program of the user's that opens sshd's pty before this keeps it, unrecorded
+        # (the agent's look reports it: sshtrail.unrecorded).
+        from session_wrapper.pty_relay import hold_exclusive
+        hold_exclusive(0)
     import pwd
 
     from session_wrapper import agent_client
@@ -87,7 +93,6 @@ def main(argv: list[str] | None = None) -> None:
     pw = pwd.getpwuid(os.getuid())
     shell = pw.pw_shell or "/bin/sh"
     original = os.environ.pop("SSH_ORIGINAL_COMMAND", None)
-    interactive = os.isatty(0)
     path, args = command_line(shell, original)
     strict = cfg.strict_for(pw.pw_name, os.getgid())
 

@@ -13,6 +13,12 @@ Nothing here trusts a process's name: a wrapper is a pid the agent got from SO_P
 processes between sshd and a live wrapper are the shell that started it (tcsh and fish fork for
 `-c`, bash execs): not reported themselves, but their other children are.
 
+The same look finds what holds a recorded terminal from outside: sshd's pty belongs to the
+user, and what writes to it reaches the client past the recording. The wrapper holds it
+exclusive (TIOCEXCL) as it starts, but a process that opened it before then (one left running
+by an earlier login can watch /dev/pts for it) keeps its descriptor. Any process of that user
+holding it, other than the wrapper and the shell that started it, is reported.
+
 For a login whose sessions must be recorded (recording.mode strict, strict_users, strict_groups)
 the agent also ends what it found (`end_tree`): it stops the process and all it started, tells
 the session why on the process's stderr, and kills them. That ends the session when the process
@@ -96,21 +102,72 @@ class UnrecordedWatch:
                 if (owner != pw.pw_uid or (now - start) / CLK_TCK < self.grace
                         or (pid, start) in self._reported):
                     continue
-                self._reported.add((pid, start))
-                command = _describe(pid)
-                reason = (f"process {pid} ({command}) runs in this SSH session outside the "
-                          "session wrapper, unrecorded: the login shell may have started it "
-                          "from a startup file before the ForceCommand (see `sshtrail doctor`)")
-                extra = {}
-                if self.strict_for is not None and self.strict_for(login, pw.pw_gid):
-                    why_not = end_tree(pid, start, ENDED_MESSAGE.format(pid=pid, command=command))
-                    extra["ended"] = why_not is None
-                    reason += ("; this account must be recorded: it was ended, with all it "
-                               f"started" if why_not is None else
-                               f"; this account must be recorded, but it could not be ended: "
-                               f"{why_not}")
-                found.append(events.new("session.recording_failed", sid=sid, login=login,
-                                        pid=pid, command=command, reason=reason, **extra))
+                found.append(self._report(pid, start, sid, login, pw, (
+                    "process {pid} ({command}) runs in this SSH session outside the session "
+                    "wrapper, unrecorded: the login shell may have started it from a startup "
+                    "file before the ForceCommand (see `sshtrail doctor`)")))
+        found += self._terminal_holders(db, table, wrappers, starters)
+        return found
+
+    def _report(self, pid: int, start: int, sid: str, login: str, pw, reason: str) -> dict:
+        """Once per process: the event, having ended the process if the login must be recorded."""
+        self._reported.add((pid, start))
+        command = _describe(pid)
+        reason = reason.format(pid=pid, command=command)
+        extra = {}
+        if self.strict_for is not None and self.strict_for(login, pw.pw_gid):
+            why_not = end_tree(pid, start, ENDED_MESSAGE.format(pid=pid, command=command))
+            extra["ended"] = why_not is None
+            reason += ("; this account must be recorded: it was ended, with all it "
+                       f"started" if why_not is None else
+                       f"; this account must be recorded, but it could not be ended: "
+                       f"{why_not}")
+        return events.new("session.recording_failed", sid=sid, login=login, pid=pid,
+                          command=command, reason=reason, **extra)
+
+    def _terminal_holders(self, db, table, wrappers, starters) -> list[dict]:
+        """Processes of a live interactive recording's user, outside its wrapper and the shell
+        that started it, that hold its terminal (the wrapper's fd 0, sshd's pty)."""
+        terminals = {}  # the pty's device number -> (sid, login, passwd entry)
+        for sid, login, pid in db.execute(
+                "SELECT sid, login, wrapper_pid FROM recordings "
+                "WHERE ended IS NULL AND mode = 'interactive'"):
+            if pid not in wrappers:
+                continue
+            try:
+                st = os.stat(f"/proc/{pid}/fd/0")
+                pw = pwd.getpwnam(login)
+            except (OSError, KeyError):
+                continue
+            if stat.S_ISCHR(st.st_mode):
+                terminals[st.st_rdev] = (sid, login, pw)
+        uids = {pw.pw_uid for _, _, pw in terminals.values()}
+        found = []
+        for pid, (_, start) in table.items() if terminals else ():
+            if pid in wrappers or pid in starters or (pid, start) in self._reported:
+                continue
+            try:
+                if procfs.real_uid(pid) not in uids:
+                    continue
+                fds = os.listdir(f"/proc/{pid}/fd")
+            except OSError:
+                continue
+            for fd in fds:
+                try:
+                    st = os.stat(f"/proc/{pid}/fd/{fd}")
+                except OSError:
+                    continue
+                if not stat.S_ISCHR(st.st_mode) or st.st_rdev not in terminals:
+                    continue
+                if procfs.is_sshd(pid):
+                    break  # sshd of a root login: its monitor holds the pty too
+                sid, login, pw = terminals[st.st_rdev]
+                found.append(self._report(pid, start, sid, login, pw, (
+                    "process {pid} ({command}) holds this session's terminal outside the "
+                    "session wrapper: what it writes there reaches the client unrecorded, and "
+                    "it can read what the user types; it opened the terminal before the "
+                    "wrapper held it (left running by an earlier login, say)")))
+                break
         return found
 
 

@@ -267,6 +267,43 @@ def test_a_program_in_the_session_cannot_reach_the_terminal_around_the_recording
     assert b"OWN-2" in term.seen
 
 
+@pytest.mark.parametrize("mode", ["best_effort", "strict"])
+def test_a_process_holding_the_terminal_from_before_the_wrapper_is_reported(trail, mode):
+    # One left running by an earlier login can watch /dev/pts and open the new session's pty
+    # before the wrapper holds it exclusive; it keeps that descriptor. Here root opens it (as
+    # root may) and hands it to such a process of the user's.
+    trail.write_config(f'[recording]\nmode = "{mode}"\n')
+    user = shell_user(trail.lab)
+    term = Terminal(trail.lab, user)
+    term.expect(re.escape(PROMPT))
+    (wrapper,) = wrappers_of(user)
+    fd = os.open(os.readlink(f"/proc/{wrapper}/fd/0"), os.O_RDWR | os.O_NOCTTY)
+    try:
+        lurker = subprocess.Popen(["/bin/bash", "-c", f"echo BY0PASS >&{fd}; exec sleep 60"],
+                                  user=user.uid, group=user.gid, pass_fds=(fd,))
+    finally:
+        os.close(fd)
+    try:
+        term.expect(rb"BY0PASS")  # on the client, and in no recording
+        evs = trail.wait_for(lambda e: any(x.get("pid") == lurker.pid for x in e),
+                             type="session.recording_failed", user=user.login, timeout=20,
+                             what="the report of the process holding the terminal")
+        (ev,) = [e for e in evs if e.get("pid") == lurker.pid]
+        assert "holds this session's terminal outside the session wrapper" in ev["reason"]
+        assert ev["command"].startswith("sleep 60")
+        (start,) = trail.events(type="session.start", user=user.login)
+        assert ev["sid"] == start["sid"]
+        if mode == "strict":
+            assert ev["ended"] is True and lurker.wait(10) == -signal.SIGKILL
+        else:
+            assert "ended" not in ev and lurker.poll() is None
+    finally:
+        lurker.kill()
+        lurker.wait()
+    term.send("exit\r")
+    term.wait()
+
+
 def test_agent_down_best_effort_lets_in_and_says_so(trail, syslog_sink):
     user = trail.lab.add_user("be")
     trail.stop_agent()
