@@ -4,8 +4,8 @@ The relay loop calls `add()` for every chunk of output and includes `fileno()` i
 when `wants_write()`; `pump_read()`/`pump_write()` move bytes when the socket is ready. Every
 batch is kept until the agent acknowledges it, so an agent that dies and comes back gets the
 batches it never confirmed (it stores each seq once). Past `buffer_bytes` waiting, output is
-dropped from the recording (never from the terminal) and counted; the count reaches the agent
-in the end message. Runs as the user: it has nothing to hide and nothing to trust.
+dropped from the recording (never from the terminal) and counted; the count so far goes with
+every batch after (the agent reports the first), the total with the end message. Runs as the user: it has nothing to hide and nothing to trust.
 """
 from __future__ import annotations
 
@@ -202,7 +202,10 @@ class AgentClient:
             return
         self._close_frame()
         self._seq += 1
-        msg = wire.pack({"type": "frames", "seq": self._seq}, memoryview(self._batch)[:self._pos])
+        header = {"type": "frames", "seq": self._seq}
+        if self.dropped_bytes:  # so far: the agent says so at once (the end may never come)
+            header["dropped"] = self.dropped_bytes
+        msg = wire.pack(header, memoryview(self._batch)[:self._pos])
         self._unacked[self._seq] = (msg, self._batch_data)
         self._unacked_bytes += self._batch_data
         self._pos = self._batch_data = 0

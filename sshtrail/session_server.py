@@ -315,6 +315,15 @@ class SessionServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
                                          f"{wire.MAX_CHUNK} one recording chunk may hold")
             out = wire.output_size(payload)  # rejects garbage before it is stored
             self.spool.put_chunk(session["sid"], seq, payload, out)
+            dropped = _int(header.get("dropped"), 0)
+            if dropped and not session.get("dropping"):
+                # Said now, once: the end that gives the total may never come (a killed wrapper).
+                session["dropping"] = True
+                self.spool.append(events.new(
+                    "session.recording_failed", sid=session["sid"], login=session["login"],
+                    dropped_bytes=dropped, reason=(
+                        f"output is being dropped from the recording ({dropped} bytes so far): "
+                        "the agent was slow or away and the wrapper's buffer was full")))
             return {"type": "ack", "seq": seq}, session
         if kind == "end":
             self._end(session, header)
@@ -420,7 +429,9 @@ class SessionServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     def lost(self, session) -> None:
         """The wrapper went away without an end: killed, or crashed."""
         sid = session["sid"]
-        reason = "the session wrapper went away without reporting an end (killed or crashed)"
+        reason = ("the session wrapper went away without reporting an end (killed or crashed): "
+                  "output it had not handed over yet (up to recording.batch_ms of it, more if "
+                  "the agent was slow) is not in the recording")
         # A killed process closes its sockets while it is still exiting: give it a moment.
         deadline = time.monotonic() + 1.0
         while (alive := procfs.alive(session["pid"])) and time.monotonic() < deadline:

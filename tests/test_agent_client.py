@@ -194,3 +194,18 @@ def test_a_lost_agent_is_asked_again_with_nothing_to_deliver(tmp_path):
     assert [h.get("resume") for h in hellos] == [None, "s1"]
     client.sock.close()
     second.join(5)
+
+
+def test_a_batch_after_output_was_dropped_says_how_much_so_far(tmp_path):
+    # The total goes with the end, which a killed wrapper never sends: every batch sealed after
+    # a drop carries the count so far, and the agent reports the first at once.
+    client = AgentClient(str(tmp_path / "nobody.sock"), default_hello("interactive", "", 80, 24),
+                         batch_s=60.0, batch_bytes=1 << 20, buffer_bytes=1000)
+    assert not client.connect()  # no agent: batches wait, as for a slow one
+    client.add(b"o", b"a" * 800)
+    client.seal()
+    client.add(b"o", b"b" * 500)  # over buffer_bytes with the 800 waiting: dropped
+    client.add(b"o", b"c" * 100)
+    client.seal()
+    headers = [wire.Reader().feed(msg)[0][0] for msg, _ in client._unacked.values()]
+    assert headers == [{"type": "frames", "seq": 1}, {"type": "frames", "seq": 2, "dropped": 500}]

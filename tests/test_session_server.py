@@ -204,3 +204,13 @@ def test_a_first_message_may_not_be_big(serving):
     reply = s.recv(4096)
     assert b'"type":"refused"' in reply and f"over the {FIRST_MESSAGE_MAX} limit".encode() in reply
     s.close()
+
+
+def test_dropped_output_is_reported_as_soon_as_a_batch_says_so_once(server):
+    session = dict(SESSION)
+    for seq, dropped in ((1, 0), (2, 500), (3, 900)):
+        header = {"type": "frames", "seq": seq, **({"dropped": dropped} if dropped else {})}
+        server.handle_message(session, 1, 1000, header, frames(10))
+    (ev,) = server.spool.query(kind="session.recording_failed")
+    assert (ev["sid"], ev["dropped_bytes"]) == ("s1", 500)
+    assert "being dropped from the recording (500 bytes so far)" in ev["reason"]
