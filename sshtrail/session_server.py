@@ -21,9 +21,11 @@ one event per connection.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import pwd
+import signal
 import socket
 import socketserver
 import struct
@@ -44,6 +46,7 @@ PENDING_PER_UID = 32
 # A hello (or a PAM call) is a few hundred bytes: no connection is let buffer megabytes before
 # it has said who it is.
 FIRST_MESSAGE_MAX = 64 << 10
+SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)  # Linux 6.5; Python 3.11 has no name for it
 # Root's connections are PAM hooks' calls and are not counted: root needs no flood to stop us.
 _UNCOUNTED_UID = 0
 
@@ -107,7 +110,8 @@ class _Handler(socketserver.BaseRequestHandler):
                 if msgs is None:
                     break
                 for header, payload in msgs:
-                    reply, session = self.server.handle_message(session, pid, uid, header, payload)
+                    reply, session = self.server.handle_message(
+                        session, pid, uid, header, payload, still_there=lambda: peer_alive(sock))
                     if pending:
                         pending = False
                         self.server.said_hello(uid)
@@ -139,6 +143,23 @@ class _Handler(socketserver.BaseRequestHandler):
             if session and not session.get("ended") and not self.server.stopping.is_set():
                 self.server.lost(session)
             self.server.release_spool()
+
+
+def peer_alive(sock: socket.socket) -> bool:
+    """Is the process that connected still there? A pid SO_PEERCRED gave may be another
+    process's once it has ended; the pidfd SO_PEERPIDFD gives (Linux 6.5) is that process's
+    for good. On an older kernel: True, and the pid is taken as before."""
+    try:
+        fd = sock.getsockopt(socket.SOL_SOCKET, SO_PEERPIDFD)
+    except OSError as e:
+        return e.errno in (errno.ENOPROTOOPT, errno.EOPNOTSUPP)  # else ESRCH: gone, reaped
+    try:
+        signal.pidfd_send_signal(fd, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def peer_of(sock: socket.socket) -> tuple[int, int]:
@@ -298,10 +319,13 @@ class SessionServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 
     # -- messages ----------------------------------------------------------------------------
 
-    def handle_message(self, session, pid, uid, header, payload):
+    def handle_message(self, session, pid, uid, header, payload, still_there=None):
+        """One message of a connection from process `pid` (uid); returns the reply and the
+        connection's session. `still_there()`: is the process that connected still alive (so
+        `pid` is still its)?"""
         kind = header["type"]
         if kind == "hello":
-            return self._hello(pid, uid, header)
+            return self._hello(pid, uid, header, still_there)
         if kind == "pam" and session is None:
             return self._pam(uid, header), None
         if session is None:
@@ -353,9 +377,14 @@ class SessionServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             spool.close()
         return {"type": "ack", "seq": "pam"}
 
-    def _hello(self, pid, uid, header):
+    def _hello(self, pid, uid, header, still_there=None):
         monitor, shell = sshd_monitor_of(pid, uid)
         started = procfs.start_time(pid)
+        if still_there is not None and not still_there():
+            # Asked after reading /proc: alive then, it was alive while we read, and its pid
+            # was its own. Gone, the pid may be a wrapper's now, and the connection another's
+            # (inherited, or passed): what /proc said is not about the peer.
+            raise PeerRefused(f"process {pid} ended before its hello was read")
         pw = pwd.getpwuid(uid)
         login = pw.pw_name
         if shell and self.strict_for(login, pw.pw_gid):

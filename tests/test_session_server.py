@@ -214,3 +214,37 @@ def test_dropped_output_is_reported_as_soon_as_a_batch_says_so_once(server):
     (ev,) = server.spool.query(kind="session.recording_failed")
     assert (ev["sid"], ev["dropped_bytes"]) == ("s1", 500)
     assert "being dropped from the recording (500 bytes so far)" in ev["reason"]
+
+
+def test_a_peer_that_connected_and_ended_is_known_gone_whoever_has_its_pid_now(tmp_path):
+    # SO_PEERCRED's pid outlives the process that connected: once it has ended, the pid may be
+    # a wrapper's, and /proc would vouch for a connection now held by whoever it left it to.
+    from sshtrail.session_server import peer_alive
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(str(tmp_path / "s"))
+    srv.listen(2)
+    mine = socket.socket(socket.AF_UNIX)
+    mine.connect(str(tmp_path / "s"))
+    conn, _ = srv.accept()
+    assert peer_alive(conn)
+    inherited = socket.socket(socket.AF_UNIX)
+    child = os.fork()
+    if child == 0:  # connects, and leaves the connection to its parent
+        inherited.connect(str(tmp_path / "s"))
+        os._exit(0)
+    os.waitpid(child, 0)
+    conn2, _ = srv.accept()
+    assert not peer_alive(conn2)
+    for s in (srv, mine, conn, inherited, conn2):
+        s.close()
+
+
+def test_a_hello_from_a_peer_gone_meanwhile_is_refused(server, monkeypatch):
+    # Its pid taken by a wrapper of sshd's cannot be staged on one machine: /proc's lineage is
+    # made to pass, and the peer reported gone, as peer_alive does in the test above.
+    from sshtrail import session_server
+    monkeypatch.setattr(session_server, "sshd_monitor_of", lambda pid, uid: (1, None))
+    hello = {"type": "hello", "mode": "exec", "command": "true"}
+    with pytest.raises(PeerRefused, match=f"process {os.getpid()} ended before its hello"):
+        server.handle_message(None, os.getpid(), 0, hello, b"", still_there=lambda: False)
+    assert [r["sid"] for r in server.spool.recordings()] == ["s1"]  # none started for it
