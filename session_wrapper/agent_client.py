@@ -5,7 +5,8 @@ when `wants_write()`; `pump_read()`/`pump_write()` move bytes when the socket is
 batch is kept until the agent acknowledges it, so an agent that dies and comes back gets the
 batches it never confirmed (it stores each seq once). Past `buffer_bytes` waiting, output is
 dropped from the recording (never from the terminal) and counted; the count so far goes with
-every batch after (the agent reports the first), the total with the end message. Runs as the user: it has nothing to hide and nothing to trust.
+every batch after (the agent reports the first), the total with the end message. Runs as the
+user: it has nothing to hide and nothing to trust.
 """
 from __future__ import annotations
 

@@ -299,7 +299,8 @@ class SessionServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             except KeyError:
                 login = {}
             evs.append(events.new(
-                "agent.peer_refused", at=at, user_id=uid, count=count, pid=pid, reason=reason[:1000],
+                "agent.peer_refused", at=at, user_id=uid, count=count, pid=pid,
+                reason=reason[:1000],
                 message=f"{count} connection(s) to the session socket refused; the first, of "
                         f"process {pid}: {reason}"[:1000], **login))
         return evs

@@ -237,8 +237,9 @@ def wrappers_of(user) -> list[int]:
     for name in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{name}/cmdline", "rb") as f:
-                if b"session_wrapper/shell.py" in f.read() and procfs.real_uid(int(name)) == user.uid:
-                    found.append(int(name))
+                wrapper = b"session_wrapper/shell.py" in f.read()
+            if wrapper and procfs.real_uid(int(name)) == user.uid:
+                found.append(int(name))
         except OSError:
             pass
     return found
