@@ -1,6 +1,7 @@
 """PAM calls left as files for the agent (pam_module.queue, detach.sh --queue): the record
 format's vectors, what the real detach.sh writes, and real logins through a lab sshd whose
 agent is stopped, killed, or cannot write."""
+import math
 import os
 import signal
 import subprocess
@@ -174,11 +175,15 @@ def test_a_call_is_taken_once_its_login_is_under_way(tmp_path):
     cfg_path.write_text(f'[spool]\npath = "{tmp_path}/spool.db"\n')
     drain = queue.PamQueue(config.load(cfg_path))
     q = tmp_path / "spool.db.pam-calls"
-    # The first step creates the spool (synchronous FULL: fsyncs), once: on a loaded machine
-    # that took longer than DEFER, and the call below was old enough when its age was read.
+    # The first step creates the spool (synchronous FULL: fsyncs): done before the call's
+    # clock is read, so that a loaded machine's fsyncs cannot age the call past DEFER.
     assert drain.step() == 0
-    now = time.clock_gettime(time.CLOCK_BOOTTIME)
-    call = q / f"{now:.2f}.4711"  # made just now, by the boot clock (its name)
+    # Made just now, by the boot clock, cut to hundredths as /proc/uptime is (detach.sh):
+    # rounded up, the name could lie ahead of step()'s clock, which takes it for a call of a
+    # boot before, and writes it at once. (CI failed so, once: the spool's creation had hidden
+    # it, being slower than the 5 ms a rounded-up name can be ahead.)
+    now = math.floor(time.clock_gettime(time.CLOCK_BOOTTIME) * 100) / 100
+    call = q / f"{now:.2f}.4711"
     call.write_bytes(RECORD)
     try:
         assert drain.step() == 0 and call.exists()
