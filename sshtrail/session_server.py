@@ -104,14 +104,15 @@ class _Handler(socketserver.BaseRequestHandler):
         # Receives straight into a buffer kept for the connection: a fresh 1 MiB buffer per
         # receive cost page faults and a copy for every batch of every session.
         reader = wire.Reader(1 << 18, limit=FIRST_MESSAGE_MAX)
+        still_there = lambda: peer_alive(sock)  # noqa: E731 - asked at the hello only
         try:
             while True:
                 msgs = reader.recv_from(sock)
                 if msgs is None:
                     break
                 for header, payload in msgs:
-                    reply, session = self.server.handle_message(
-                        session, pid, uid, header, payload, still_there=lambda: peer_alive(sock))
+                    reply, session = self.server.handle_message(session, pid, uid, header,
+                                                                payload, still_there)
                     if pending:
                         pending = False
                         self.server.said_hello(uid)
