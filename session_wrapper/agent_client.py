@@ -293,5 +293,13 @@ class AgentClient:
 
 
 def default_hello(mode: str, command: str, cols: int, rows: int) -> dict:
-    return {"type": "hello", "mode": mode, "command": command, "cols": cols, "rows": rows,
-            "term": os.environ.get("TERM", "")}
+    return {"type": "hello", "mode": mode, "command": text(command), "cols": cols, "rows": rows,
+            "term": text(os.environ.get("TERM", ""))}
+
+
+def text(value: str) -> str:
+    """`value` as the agent can store it. What sshd hands us (the command, TERM) is bytes, and
+    need not be UTF-8: a file named in Latin-1 is `scp -f caf\xe9.txt`. Python gives such bytes
+    to us as lone surrogates, which encode to nothing; the events show them as U+FFFD, as host
+    events show such paths. The program itself gets the bytes as they came."""
+    return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")

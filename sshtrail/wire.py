@@ -66,6 +66,13 @@ def loads(data: bytes):
         raise ValueError("not JSON") from None
     if end != len(text):
         raise ValueError("not JSON: something after the value")
+    # Only a \u escape can give a string a lone surrogate (the text itself is UTF-8), which
+    # nothing can store or print: the agent would fail on it halfway through the message.
+    if "\\u" in text:
+        try:
+            _to_json(value).encode()
+        except UnicodeEncodeError:
+            raise ValueError("not JSON: a \\u escape of a lone surrogate") from None
     return value
 
 

@@ -13,9 +13,9 @@ PROMPT = b"READY$ "
 class Terminal:
     """A real `ssh -tt` client on a pseudo-terminal of ours, as a person at a terminal."""
 
-    def __init__(self, lab, user, command=None, cols=80, rows=24):
+    def __init__(self, lab, user, command=None, cols=80, rows=24, term="xterm"):
         argv, env = lab.ssh_argv(user, command, tty=True)
-        env = dict(env, PS1=PROMPT.decode(), TERM="xterm")
+        env = dict(env, PS1=PROMPT.decode(), TERM=term)
         self.p = ptyprocess.PtyProcess.spawn(argv, env=env, dimensions=(rows, cols))
         self.seen = b""
 

@@ -126,6 +126,38 @@ def test_exec_exit_status_stdin_eof_and_stderr(trail):
     assert evs[1]["bytes_in"] == len(b"from-stdin") and evs[1]["bytes_out"] == len(b"from-stdindone\n") + 4
 
 
+def test_a_command_and_terminal_that_are_not_utf8_work_as_without_the_wrapper(trail, tmp_path):
+    # A file named in Latin-1 on the server: `scp -O lab:café.txt` has sshd hand the wrapper
+    # `scp -f caf\xe9.txt`, bytes that are not UTF-8 (str here: surrogateescape). They must reach
+    # the program exactly; the events show each such byte as U+FFFD, as host events do.
+    lab = trail.lab
+    user = shell_user(lab, "nu")
+    name = "caf\udce9.txt"
+    (user.home / name).write_bytes(b"latin-1 named\n")
+    r = lab.ssh(user, "printf '%s' caf\udce9")
+    assert (r.returncode, r.stdout, r.stderr) == (0, b"caf\xe9", b"")
+    cfg = ssh_config(lab, user, tmp_path)
+    r = subprocess.run(["scp", "-O", "-F", str(cfg), f"lab:{name}", str(tmp_path / name)],
+                       capture_output=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / name).read_bytes() == b"latin-1 named\n"
+    evs = trail.wait_for(lambda e: len(e) >= 2, type="exec", user=user.login, what="2 exec events")
+    assert [(e["command"], e["exit_status"]) for e in evs] == [
+        ("printf '%s' caf\ufffd", 0), ("scp -f caf\ufffd.txt", 0)]
+
+    # Interactive, with a terminal name that is not UTF-8 either (the client sends its TERM).
+    term = Terminal(lab, user, command="printf '[%s|%s]' caf\udce9 \"$TERM\"; exit 0",
+                    term="vt100\udce9")
+    assert term.wait() == 0
+    assert b"[caf\xe9|vt100\xe9]" in term.seen
+    rec, header, frames, _ = recording_of(trail, user)
+    (row,) = [r for r in recordings_of(trail, user) if r["mode"] == "interactive"]
+    assert (row["command"], row["term"]) == ("printf '[%s|%s]' caf\ufffd \"$TERM\"; exit 0",
+                                             "vt100\ufffd")
+    assert header["env"]["TERM"] == "vt100\ufffd"
+    assert "[caf\ufffd|vt100\ufffd]" in "".join(d for _, k, d in frames if k == "o")
+
+
 @pytest.fixture(scope="module")
 def big_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("big") / "random.bin"

@@ -41,6 +41,8 @@ def message(head: bytes) -> bytes:
 @pytest.mark.parametrize("head", [
     b'{"type":"x","v":NaN}', b'{"type":"x","v":Infinity}', b'{"type":"x"} {}',
     b'{"type":"x",}', b'{"type":"x"', b"\xff{}", b"[" * 100_000 + b"]" * 100_000,
+    # json takes a lone surrogate, which no store and no terminal can; a surrogate pair is fine
+    b'{"type":"hello","command":"caf\\udce9"}', b'{"type":"x","v":["\\uD800"]}',
 ])
 def test_reader_rejects_headers_json_would_not_take_or_we_do_not(head):
     with pytest.raises(wire.ProtocolError, match="not a JSON object with a type"):
@@ -49,6 +51,7 @@ def test_reader_rejects_headers_json_would_not_take_or_we_do_not(head):
 
 def test_headers_read_as_json_reads_them():
     for head in (b' {"type": "hello", "n": -1.5e3, "ok": true, "no": null, "l": [1, "\\u00e9"]}\t',
+                 b'{"type":"x","v":"\\ud83d\\ude00 \\\\udce9"}',
                  '{"type":"ré","big":123456789012345678901234567890}'.encode()):
         [(header, payload)] = wire.Reader().feed(message(head))
         assert header == json.loads(head) and payload == b""
