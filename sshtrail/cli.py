@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from sshtrail import cli_play, cli_remote, config, events
+from sshtrail import cli_play, cli_remote, config, events, termfilter
 from sshtrail.errors import SshtrailError
 
 EXAMPLES = """examples (see also `sshtrail collector --help`):
@@ -47,12 +47,10 @@ def parse_since(text: str, now: float | None = None) -> float:
                        "like 2026-01-02T03:04:05Z") from None
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
-
-
 def _safe(text) -> str:
-    # Logins and messages come from the network: never let them drive the reader's terminal.
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(text))
+    # Logins, commands and messages come from the network and the session: never let them
+    # drive the reader's terminal, nor change how the row reads.
+    return termfilter.field(text)
 
 
 def _host_event_notes(ev: dict) -> str:

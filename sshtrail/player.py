@@ -159,7 +159,6 @@ def _clock(t: float, tenths: bool = False) -> str:
     return f"{h}:{m:02d}:{s:02d}{frac}" if h else f"{m:02d}:{s:02d}{frac}"
 
 
-_CONTROLS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _MARGINS = re.compile(r"\x1b\[(\d*)(?:;(\d*))?r")
 _KEY = re.compile(r"\x1b\[[0-9;]*[~A-Za-z]|\x1bO[A-Za-z]|.", re.S)
 
@@ -358,7 +357,7 @@ class Player:
         if self.message:
             parts.append(self.message)
         # User, host and command lines come from the session: shown, never interpreted.
-        return _CONTROLS.sub("?", "  ".join(parts))
+        return termfilter.field("  ".join(parts), mark="?")
 
     def draw_status(self, force: bool = False) -> None:
         if not self.show_status:

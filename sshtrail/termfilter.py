@@ -70,6 +70,25 @@ _GROUND, _ESCAPE, _ESC_INTER, _CSI, _STRING, _STRING_ESC = range(6)
 
 _TEXT = re.compile(r"[^\x00-\x1f\x7f-\x9f]+")
 
+# What must not reach the auditor's terminal inside a one-line field (a login, a command line,
+# a path): the C0 and C1 controls, and the characters that print nothing yet change how the
+# line reads: bidi overrides, embeddings, isolates and marks (`rm x #\u202e` shows the rest of
+# the row reversed), zero-width and invisible characters, soft hyphen, line and paragraph
+# separators, interlinear annotation; and lone surrogates, which no terminal encoding can print.
+_UNSHOWN = re.compile("[\x00-\x1f\x7f-\x9f\u00ad\u061c\u180e\u200b-\u200f\u2028-\u202e"
+                      "\u2060-\u206f\ud800-\udfff\ufeff\ufff9-\ufffb]")
+
+
+def _escaped(m: re.Match) -> str:
+    c = ord(m.group())
+    return f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}"
+
+
+def field(text, *, mark: str | None = None) -> str:
+    """`text` (a value from the session or the network) for one line of the auditor's terminal:
+    each control or invisible character named as \\xNN / \\uNNNN, or replaced by `mark`."""
+    return _UNSHOWN.sub(mark if mark is not None else _escaped, str(text))
+
 
 class TermFilter:
     """Feed the recording's output text in pieces; get back what is safe to write."""

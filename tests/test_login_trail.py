@@ -257,6 +257,17 @@ def test_events_cli_filters(trail):
     assert trail.cli("events", "--user", user.login, "--since", "bogus", check=False).returncode == 2
 
 
+def test_the_events_table_shows_what_would_hide_or_reorder_a_row(trail):
+    # A command line is the user's to write: a right-to-left override in it would show the rest
+    # of the row reversed, a zero-width space would hide; the table names each instead.
+    user = trail.lab.add_user("rlo")
+    assert trail.lab.ssh(user, "true #\u202eexe.sh\u200b").returncode == 0
+    trail.wait_for(lambda e: len(e) >= 1, user=user.login, type="exec", what="the exec event")
+    table = trail.cli("events", "--user", user.login, "--type", "exec").stdout
+    assert "true #\\u202eexe.sh\\u200b" in table
+    assert "\u202e" not in table and "\u200b" not in table
+
+
 @pytest.fixture
 def bare_trail(lab_factory):
     """A lab and a Trail config for it, nothing installed yet."""

@@ -282,7 +282,7 @@ def test_status_line_shows_user_host_start_and_commands():
         session_events=[{"event": "session.start", "login": "bob", "server_hostname": "db1",
                          "time": "2026-01-01T00:00:00Z"},
                         {"event": "session.command", "time": "2026-01-01T00:00:01.000000Z",
-                         "argv": ["rm", "-rf", "/tmp/\x1b]52;c;eA==\x07x"]}])
+                         "argv": ["rm", "-rf", "/tmp/\x1b]52;c;eA==\x07x #\u202etxt"]}])
     clock = FakeClock()
     p = player.Player(rec, io.BytesIO(), commands=True, clock=clock, term_size=(80, 25))
     p.start(0)
@@ -291,6 +291,7 @@ def test_status_line_shows_user_host_start_and_commands():
     text = p.status_text()
     assert "bob@db1" in text and "2026-01-01 00:00:00Z" in text and "00:02.0 / 00:03" in text
     assert "$ rm -rf /tmp/" in text and "\x1b" not in text and "\x07" not in text
+    assert "x #?txt" in text  # a right-to-left override would show the line's end reversed
 
 
 # -- the real CLI under a pseudo-terminal ------------------------------------------------------

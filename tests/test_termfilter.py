@@ -120,3 +120,24 @@ def test_never_raises_on_noise():
     for _ in range(2000):
         out = f.feed("".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30))))
         assert "\x07" not in out and f"{E}]" not in out and f"{E}P" not in out
+
+
+# -- one-line fields (logins, command lines, paths) -----------------------------------------
+
+@pytest.mark.parametrize("raw,shown", [
+    ("rm -rf ~/x", "rm -rf ~/x"),
+    ("café ☕ 日本", "café ☕ 日本"),                                 # printable: as it is
+    ("a\x1b]52;c;eA==\x07b", "a\\x1b]52;c;eA==\\x07b"),                 # controls
+    ("a\x9b6nb", "a\\x9b6nb"),                                           # C1 CSI
+    ("rm x #\u202eexe.txt", "rm x #\\u202eexe.txt"),                     # right-to-left override
+    ("\u2066sh\u2069 \u200f", "\\u2066sh\\u2069 \\u200f"),             # isolates, RLM
+    ("ro\u200bot\u00ad\ufeff", "ro\\u200bot\\xad\\ufeff"),               # invisible
+    ("one\u2028two", "one\\u2028two"),                                   # line separator
+    ("caf\udce9", "caf\\udce9"),                                         # undecodable byte
+])
+def test_a_field_shows_every_character_that_would_act_or_hide(raw, shown):
+    assert termfilter.field(raw) == shown
+
+
+def test_a_field_marked_keeps_its_length_per_character():
+    assert termfilter.field("a\x1b\u202eb\udce9", mark="?") == "a??b?"
