@@ -293,8 +293,12 @@ class AgentClient:
 
 
 def default_hello(mode: str, command: str, cols: int, rows: int) -> dict:
-    return {"type": "hello", "mode": mode, "command": text(command), "cols": cols, "rows": rows,
-            "term": text(os.environ.get("TERM", ""))}
+    shown = text(command)
+    hello = {"type": "hello", "mode": mode, "command": shown[:wire.COMMAND_MAX], "cols": cols,
+             "rows": rows, "term": text(os.environ.get("TERM", ""))[:wire.TERM_MAX]}
+    if len(shown) > wire.COMMAND_MAX:
+        hello["command_bytes"] = len(command.encode("utf-8", "surrogateescape"))
+    return hello
 
 
 def text(value: str) -> str:

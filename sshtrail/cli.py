@@ -94,7 +94,8 @@ def _detail(ev: dict) -> str:
         where = events.endpoint(ev) if ev["port"] else events.endpoint(ev)[:-1] + "(any port)"
         return f"listen {where}" + _host_event_notes(ev)
     if kind == "exec":
-        return f"`{ev['command']}` exit {ev.get('exit_status')}"
+        cut = f" (cut: {ev['command_bytes']} bytes in all)" if ev.get("command_bytes") else ""
+        return f"`{ev['command']}`{cut} exit {ev.get('exit_status')}"
     if kind == "session.recording":
         return f"recorded {ev.get('size', 0)}B" + (f"; {ev['end_reason']}" if ev.get("end_reason") else "")
     if kind == "agent.ebpf_unavailable":

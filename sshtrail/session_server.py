@@ -43,8 +43,9 @@ IDLE_SPOOLS = 8
 # sessions starting at once each say hello within milliseconds of connecting.
 HELLO_TIMEOUT = 5.0
 PENDING_PER_UID = 32
-# A hello (or a PAM call) is a few hundred bytes: no connection is let buffer megabytes before
-# it has said who it is.
+# A hello (or a PAM call) is a few hundred bytes, and never more than ~25 KiB (its command is
+# cut to wire.COMMAND_MAX characters): no connection is let buffer megabytes before it has said
+# who it is.
 FIRST_MESSAGE_MAX = 64 << 10
 SO_PEERPIDFD = getattr(socket, "SO_PEERPIDFD", 77)  # Linux 6.5; Python 3.11 has no name for it
 # Root's connections are PAM hooks' calls and are not counted: root needs no flood to stop us.
@@ -409,8 +410,9 @@ class SessionServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
                 sid = events.new_uid()
             mode = "interactive" if header.get("mode") == "interactive" else "exec"
             spool.start_recording(
-                sid=sid, login=login, mode=mode, command=str(header.get("command", ""))[:4096],
-                term=str(header.get("term", ""))[:64], cols=_int(header.get("cols"), 80),
+                sid=sid, login=login, mode=mode,
+                command=str(header.get("command", ""))[:wire.COMMAND_MAX],
+                term=str(header.get("term", ""))[:wire.TERM_MAX], cols=_int(header.get("cols"), 80),
                 rows=_int(header.get("rows"), 24), started=time.time(), wrapper_pid=pid,
                 wrapper_start=started)
             if header.get("late"):
@@ -418,6 +420,8 @@ class SessionServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
                                         reason=f"the agent was unreachable when the session "
                                                f"started: {header['late']}"[:1000]))
         session = {"sid": sid, "login": login, "pid": pid}
+        if _int(header.get("command_bytes"), 0):  # the command was longer than the hello holds
+            session["command_bytes"] = header["command_bytes"]
         log.info("recording %s for %s (wrapper pid %d)", sid, login, pid)
         if self.on_session:  # a resume too: this may be a new agent, whose tracer never knew it
             self.on_session(pid, sid, login)
@@ -431,16 +435,17 @@ class SessionServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         status = status if isinstance(status, int) and not isinstance(status, bool) else None
         evs = []
         common = {"sid": sid, "login": login}
+        cut = {"command_bytes": session["command_bytes"]} if "command_bytes" in session else {}
         duration = round(now - row["started"], 6)
         if row["mode"] == "exec":
             evs.append(events.new("exec", at=now, command=row["command"], exit_status=status,
                                   bytes_in=_int(header.get("bytes_in"), 0),
                                   bytes_out=_int(header.get("bytes_out"), 0),
-                                  duration=duration, **common))
+                                  duration=duration, **cut, **common))
         if row["chunks"] or row["mode"] == "interactive":
             evs.append(events.new("session.recording", at=now, size=row["bytes_out"],
                                   stored=row["stored_bytes"], duration=duration,
-                                  exit_status=status, **common))
+                                  exit_status=status, **cut, **common))
         dropped = _int(header.get("dropped_bytes"), 0)
         if dropped:
             evs.append(events.new("session.recording_failed", at=now, reason=(

@@ -28,6 +28,13 @@ from _json import make_scanner as _make_scanner
 from .jsontext import to_json as _to_json
 
 MAX_MESSAGE = 8 << 20
+# What a hello carries of the session's command and terminal name, in characters, and what the
+# spool keeps. sshd hands over commands of up to 128 KiB (the kernel's limit for one string of
+# the environment), and the agent reads at most 64 KiB from a peer that has not said hello: a
+# hello must stay well under that whatever the command, or padding one would leave the session
+# unrecorded. A longer command's length goes with it (command_bytes).
+COMMAND_MAX = 4096
+TERM_MAX = 64
 # The most bytes of frames one recording chunk may hold: a frames message's payload is stored
 # as one chunk and uploaded as one request, and the collector takes no more than this in one.
 MAX_CHUNK = 4 << 20

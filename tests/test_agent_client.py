@@ -209,3 +209,17 @@ def test_a_batch_after_output_was_dropped_says_how_much_so_far(tmp_path):
     client.seal()
     headers = [wire.Reader().feed(msg)[0][0] for msg, _ in client._unacked.values()]
     assert headers == [{"type": "frames", "seq": 1}, {"type": "frames", "seq": 2, "dropped": 500}]
+
+
+def test_a_hello_fits_the_agents_first_message_limit_whatever_the_command(monkeypatch):
+    from sshtrail.session_server import FIRST_MESSAGE_MAX
+    # The longest command sshd hands over (128 KiB, one string of the environment), of the
+    # characters JSON writes longest (\u001b: 6 bytes each), and bytes that are not UTF-8.
+    monkeypatch.setenv("TERM", "\x1b" * 131071)
+    for command in ("\x1b" * 131071, "é" * 65535, "caf\udce9" * 32767):
+        hello = default_hello("exec", command, 0, 0)
+        assert len(wire.pack(hello)) < FIRST_MESSAGE_MAX
+        assert hello["command"] == command[:wire.COMMAND_MAX].replace("\udce9", "\ufffd")
+        assert hello["command_bytes"] == len(command.encode("utf-8", "surrogateescape"))
+        assert len(hello["term"]) == wire.TERM_MAX
+    assert "command_bytes" not in default_hello("exec", "x" * wire.COMMAND_MAX, 0, 0)

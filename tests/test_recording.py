@@ -158,6 +158,30 @@ def test_a_command_and_terminal_that_are_not_utf8_work_as_without_the_wrapper(tr
     assert "[caf\ufffd|vt100\ufffd]" in "".join(d for _, k, d in frames if k == "o")
 
 
+def test_a_command_longer_than_a_hello_holds_is_recorded_cut_and_says_so(trail):
+    # sshd takes a command of up to 128 KiB, and the agent reads at most 64 KiB from a peer
+    # before its hello: a command padded past that had the agent refuse the hello, and the
+    # session ran unrecorded.
+    lab = trail.lab
+    user = shell_user(lab, "long")
+    pad = " #" + "x" * 100_000
+    command = "echo ok" + pad
+    r = lab.ssh(user, command)
+    assert (r.returncode, r.stdout) == (0, b"ok\n")
+    (ev,) = trail.wait_for(lambda e: len(e) >= 1, type="exec", user=user.login, what="exec event")
+    assert ev["command"] == command[:4096] and ev["command_bytes"] == len(command)
+    table = trail.cli("events", "--user", user.login, "--type", "exec").stdout
+    assert f"(cut: {len(command)} bytes in all) exit 0" in table
+
+    command = "echo phase-$((6*7)); exit 0" + pad
+    term = Terminal(lab, user, command=command)
+    assert term.wait() == 0
+    rec, _, frames, _ = recording_of(trail, user)
+    assert "phase-42" in "".join(d for _, k, d in frames if k == "o")
+    assert rec["command_bytes"] == len(command)
+    assert trail.events(type="agent.peer_refused") == []
+
+
 @pytest.fixture(scope="module")
 def big_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("big") / "random.bin"
