@@ -158,6 +158,11 @@ def cmd_install(args, cfg) -> int:
         fail_closed=cfg["pam.fail_closed"], state_dir=Path(cfg["install.state_dir"]),
         sshd_binary=args.sshd_binary, log=_note,
         force_command=None if args.no_wrapper else shell.command(sys.executable, args.config))
+    if not args.no_wrapper:
+        from session_wrapper import bytecode
+        if not bytecode.compile_ahead():
+            _note(f"could not write the wrapper's compiled code in {bytecode.ROOT} (read-only?): "
+                  "each session will compile it as it starts, ~20 ms more per login")
     print(report)
     return 0
 

@@ -4,8 +4,10 @@ import hashlib
 import os
 import re
 import resource
+import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 
@@ -180,6 +182,30 @@ def test_a_command_longer_than_a_hello_holds_is_recorded_cut_and_says_so(trail):
     assert "phase-42" in "".join(d for _, k, d in frames if k == "o")
     assert rec["command_bytes"] == len(command)
     assert trail.events(type="agent.peer_refused") == []
+
+
+def test_install_compiles_what_the_wrapper_loads(trail_factory):
+    # As a fresh clone has it: no bytecode. The wrapper runs as the user, who cannot write it
+    # beside root's code, so without `sshtrail install` compiling it every session would.
+    from session_wrapper import bytecode, shell
+    for name in bytecode.PACKAGES:
+        shutil.rmtree(os.path.join(bytecode.ROOT, name, "__pycache__"), ignore_errors=True)
+    trail = trail_factory()
+    user = trail.lab.add_user("pyc")
+    argv = shell.command(sys.executable, str(trail.config))
+    argv.insert(1, "-v")  # python says where each module's code object came from
+    for interactive in (True, False):
+        run = ["runuser", "-u", user.login, "--", "env", "SSH_ORIGINAL_COMMAND=exit 0", *argv]
+        if interactive:
+            r = run_on_a_tty(run, cwd=user.home)
+        else:
+            r = subprocess.run(run, cwd=user.home, capture_output=True, timeout=60,
+                               stdin=subprocess.DEVNULL)
+        assert r.returncode == 0, r.stderr[-2000:]
+        loaded = re.findall(rb"^# code object from '?(.+?)'?$", r.stderr, re.M)
+        ours = [p.decode() for p in loaded if p.startswith(bytecode.ROOT.encode())]
+        assert any("pty_relay" in p for p in ours) == interactive
+        assert ours and [p for p in ours if not p.endswith(".pyc")] == []
 
 
 @pytest.fixture(scope="module")
