@@ -29,6 +29,16 @@ log = logging.getLogger(__name__)
 
 ESC = "\x1b"
 _ALT_MODES = {47 << 5, 1047 << 5, 1048 << 5, 1049 << 5}
+# The largest screen the model keeps: beyond any real terminal (a 4K display in a 6-pixel font
+# is ~640 columns by 180 lines). The size is the client's to claim (a window change may say
+# 65535x65535), and some work in the model is per line or per cell of the screen: a claimed
+# size must not make a replay or a text export run for hours.
+MAX_COLUMNS = 1000
+MAX_LINES = 500
+
+
+def _bounded(value: int, most: int) -> int:
+    return max(1, min(value, most))
 
 
 class Screen(pyte.Screen):
@@ -39,7 +49,7 @@ class Screen(pyte.Screen):
         self.hidden_buffer: dict | None = None  # the screen not shown (main while in alt)
         self.hidden_saved: Savepoint | None = None
         self.last_char = ""
-        super().__init__(columns, lines)
+        super().__init__(_bounded(columns, MAX_COLUMNS), _bounded(lines, MAX_LINES))
 
     def _new_buffer(self):
         from collections import defaultdict
@@ -109,7 +119,8 @@ class Screen(pyte.Screen):
         super().reset_mode(*modes, **kwargs)
 
     def resize(self, lines: int | None = None, columns: int | None = None) -> None:
-        lines, columns = lines or self.lines, columns or self.columns
+        lines = _bounded(lines or self.lines, MAX_LINES)
+        columns = _bounded(columns or self.columns, MAX_COLUMNS)
         if self.hidden_buffer is not None:
             for y in [y for y in self.hidden_buffer if y >= lines]:
                 del self.hidden_buffer[y]
@@ -135,22 +146,41 @@ class Screen(pyte.Screen):
         self._scroll(count, up=False)
 
     def _scroll(self, count: int | None, *, up: bool) -> None:
-        """SU/SD: an index at the region's bottom (or reverse index at its top) per line,
-        the cursor left where it was."""
-        x, y = self.cursor.x, self.cursor.y
+        """SU/SD: the region's lines move `count` up (down), blank ones come in, the cursor
+        stays. What an index at the bottom (reverse index at the top) per line does, in one
+        move of the lines: per line, `CSI 9999 S` cost lines x lines."""
         top, bottom = self.margins or Margins(0, self.lines - 1)
-        for _ in range(min(count or 1, bottom - top + 1)):
-            self.cursor.y = bottom if up else top
-            (self.index if up else self.reverse_index)()
-        self.cursor.x, self.cursor.y = x, y
+        n = min(count or 1, bottom - top + 1)
+        rows = [self.buffer.pop(y, None) for y in range(top, bottom + 1)]
+        rows = rows[n:] + [None] * n if up else [None] * n + rows[:len(rows) - n]
+        for y, line in enumerate(rows, top):
+            if line is not None:
+                self.buffer[y] = line
+        self.dirty.update(range(top, bottom + 1))
 
     def repeat(self, count: int | None = None, *_: Any) -> None:
+        # At most a line's worth: programs repeat a character within a line (ncurses' `rep`),
+        # and a count of thousands would have each 8 bytes draw a whole screen.
         if self.last_char:
-            self.draw(self.last_char * min(count or 1, self.columns * self.lines))
+            self.draw(self.last_char * min(count or 1, self.columns))
 
     def erase_in_display(self, how: int = 0, *args: Any, **kwargs: Any) -> None:
-        if how in (0, 1, 2, 3):
+        if how not in (0, 1, 2, 3):
+            return
+        if self.cursor.attrs != self.default_char:
+            # The erased cells take the cursor's colours: pyte sets each cell the lines held,
+            # a screen's worth at most (MAX_COLUMNS x MAX_LINES bounds it).
             super().erase_in_display(how)
+            return
+        # Erased to the default, the lines go: pyte would set every cell they ever held, so a
+        # screen filled once made every later erase cost the whole screen.
+        lines = range(self.cursor.y + 1, self.lines) if how == 0 else \
+            range(self.cursor.y) if how == 1 else range(self.lines)
+        for y in lines:
+            self.buffer.pop(y, None)
+        self.dirty.update(lines)
+        if how in (0, 1):
+            self.erase_in_line(how)
 
     def erase_in_line(self, how: int = 0, private: bool = False) -> None:
         if how in (0, 1, 2):

@@ -11,7 +11,7 @@ so that what the auditor sees and what the keyframes and the text export hold ag
 parameters of a passed CSI are also cut to the number its function takes, and clamped):
 
 - passed: printable text, BS HT LF VT FF CR, SI/SO and the G0/G1 designations `ESC ( 0|A|B`,
-  DECSC/DECRC, IND/NEL/RI/HTS, DECALN, cursor movement, erase, insert/delete, scroll regions
+  DECSC/DECRC, IND/NEL/RI/HTS, cursor movement, erase, insert/delete, scroll regions
   (`CSI r`), scroll up/down (`CSI S/T`), REP, tab clear, SGR (colon sub-parameters rewritten to
   the `;` form every terminal knows), IRM (`CSI 4h/l`), and the private modes DECOM (6), DECAWM
   (7), DECTCEM (25) and the alternate screen (47, 1047, 1048, 1049);
@@ -23,7 +23,8 @@ parameters of a passed CSI are also cut to the number its function takes, and cl
   (DA2, XTVERSION, modifyOtherKeys, kitty keyboard, DECSCUSR, DECRQM, DECSTR), DSR, DA, window
   operations (`CSI t`), media copy, LEDs, every other private mode (mouse, focus, bracketed paste,
   cursor-key and keypad modes, 132 columns, reverse video), keypad mode `ESC =`, `ESC %`, DECID,
-  and the C0 controls NUL, ENQ, BEL and the rest.
+  DECALN (`ESC # 8`, a test pattern: 3 bytes that fill every cell of the screen model, a replay
+  of many of them would take hours), and the C0 controls NUL, ENQ, BEL and the rest.
 
 An allowlist, not a blocklist: anything not named above is dropped. A sequence split across
 frames is held until it completes, so the output only ever holds whole sequences: the player may
@@ -234,7 +235,7 @@ class TermFilter:
 
     def _esc_final(self, seq: str, out: list[str]) -> None:
         self._reset()
-        if seq in ("7", "8", "D", "E", "H", "M", "#8"):
+        if seq in ("7", "8", "D", "E", "H", "M"):
             out.append(ESC + seq)
         elif seq == "c":
             out.append(RESET)

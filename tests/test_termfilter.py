@@ -21,7 +21,7 @@ PASS = [
     (f"{E}[1;20r{E}[r", None),                                  # scroll regions
     (f"{E}[?1049h{E}[?1049l{E}[?47h{E}[?1047l{E}[?1048h", None),   # alternate screen
     (f"{E}[?25l{E}[?25h{E}[?7l{E}[?6h{E}[4h{E}[4l", None),
-    (f"{E}7{E}8{E}D{E}E{E}M{E}H{E}#8", None),
+    (f"{E}7{E}8{E}D{E}E{E}M{E}H", None),
     (f"{E}(0lqk{E}(B{E})0\x0e\x0f", None),                     # DEC line drawing
 ]
 
@@ -58,6 +58,7 @@ REMOVED = [
     f"{E}[?2004h", f"{E}[?1004h", f"{E}[?1h", f"{E}[?3h", f"{E}[?5h", f"{E}[?1034h",
     f"{E}[?2026h", f"{E}[20h", f"{E}[5i", f"{E}[0i", f"{E}[1;5s",
     f"{E}=", f"{E}>", f"{E}Z", f"{E}%G", f"{E}#3", f"{E}(%5", f"{E}N", f"{E}n",
+    f"{E}#8",                               # DECALN: a whole screen of work in 3 bytes
     "\x05", "\x07", "\x00", "\x7f", "\x11", "\x96", "\x9a",
 ]
 

@@ -1,0 +1,87 @@
+"""The screen model (sshtrail/screen.py): what it does beyond pyte, checked against pyte's own
+way of doing it, and the bounds that keep a hostile recording's replay from running for hours."""
+import random
+
+import pyte
+import pytest
+
+from sshtrail import screen
+
+
+def filled(seed: int, cols: int = 30, rows: int = 12) -> tuple[screen.Screen, screen.Stream]:
+    rng = random.Random(seed)
+    scr, stream = screen.new(cols, rows)
+    for y in range(rows):
+        if rng.random() < 0.8:
+            colour = rng.choice(["", "\x1b[31m", "\x1b[44m", "\x1b[1m"])
+            stream.feed(f"\x1b[{y + 1};{rng.randint(1, cols)}H{colour}"
+                        + "".join(rng.choice("abc xyz") for _ in range(rng.randint(0, cols)))
+                        + "\x1b[0m")
+    return scr, stream
+
+
+def reference_scroll(scr: screen.Screen, count: int, up: bool) -> None:
+    """SU/SD as an index at the region's bottom (reverse index at its top) per line, with pyte's
+    own methods: what the model did before it moved the lines in one go."""
+    x, y = scr.cursor.x, scr.cursor.y
+    top, bottom = scr.margins or pyte.screens.Margins(0, scr.lines - 1)
+    for _ in range(min(count, bottom - top + 1)):
+        scr.cursor.y = bottom if up else top
+        (pyte.Screen.index if up else pyte.Screen.reverse_index)(scr)
+    scr.cursor.x, scr.cursor.y = x, y
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_scroll_up_and_down_move_the_regions_lines_as_indexes_would(seed):
+    rng = random.Random(seed)
+    ours, stream = filled(seed)
+    theirs, _ = filled(seed)
+    if rng.random() < 0.5:
+        top = rng.randint(1, 6)
+        region = f"\x1b[{top};{rng.randint(top + 1, 12)}r"
+        stream.feed(region)
+        theirs.set_margins(*(int(v) for v in region[2:-1].split(";")))
+    count = rng.choice([1, 2, 5, 11, 12, 13, 9999])
+    up = rng.random() < 0.5
+    stream.feed(f"\x1b[{rng.randint(1, 12)};{rng.randint(1, 30)}H")
+    theirs.cursor.x, theirs.cursor.y = ours.cursor.x, ours.cursor.y
+    stream.feed(f"\x1b[{count}{'S' if up else 'T'}")
+    reference_scroll(theirs, count, up)
+    assert screen.cells(ours) == screen.cells(theirs)
+    assert (ours.cursor.x, ours.cursor.y) == (theirs.cursor.x, theirs.cursor.y)
+
+
+@pytest.mark.parametrize("seed", range(40))
+@pytest.mark.parametrize("how", [0, 1, 2, 3])
+def test_erase_in_display_shows_what_pytes_erase_shows(seed, how):
+    rng = random.Random(seed)
+    ours, stream = filled(seed)
+    theirs, _ = filled(seed)
+    colour = rng.choice(["", "\x1b[44m"])  # erased cells take the cursor's colours
+    move = f"\x1b[{rng.randint(1, 12)};{rng.randint(1, 30)}H{colour}"
+    stream.feed(move)
+    screen.Stream(theirs).feed(move)
+    stream.feed(f"\x1b[{how}J")
+    pyte.Screen.erase_in_display(theirs, how)
+    assert screen.cells(ours) == screen.cells(theirs)
+
+
+def test_a_claimed_size_is_bounded():
+    scr, stream = screen.new(65535, 65535)
+    assert (scr.columns, scr.lines) == (screen.MAX_COLUMNS, screen.MAX_LINES)
+    scr.resize(65535, 65535)
+    assert (scr.columns, scr.lines) == (screen.MAX_COLUMNS, screen.MAX_LINES)
+    scr.resize(24, 80)
+    assert (scr.columns, scr.lines) == (80, 24)
+    scr.resize(-5, -5)  # a hand-made recording may say anything; the model stays usable
+    assert scr.columns >= 1 and scr.lines >= 1
+    stream.feed("still works")
+
+
+def test_rep_repeats_at_most_a_lines_worth():
+    scr, stream = screen.new(20, 5)
+    stream.feed("\x1b[3;5Hx\x1b[9999b")
+    text = "".join(scr.display)
+    # 1 + 20 repeats from column 5: the rest of row 3, wrapping onto row 4, no further.
+    assert text.count("x") == 21 and scr.display[4].strip() == ""
+    assert scr.display[2] == " " * 4 + "x" * 16 and scr.display[3] == "x" * 5 + " " * 15
