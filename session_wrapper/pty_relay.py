@@ -3,10 +3,14 @@ own that the session's program runs in, recording what passes.
 
 Signals arrive as bytes on a pipe (signal.set_wakeup_fd), not as handlers racing the loop:
 SIGWINCH resizes our pty and records an "r" frame; SIGCHLD ends the loop once the program is
-gone and its output drained. Output passes through a buffer of at most OUT_CAP bytes, with both
-sides non-blocking: we keep reading the program while sshd drains the terminal (pipelined, not
-lockstep), and stop reading when the buffer is full (a slow client slows the program, nothing
-piles up). Input likewise, through at most IN_CAP bytes: a program that reads no input while it
+gone and its output drained. SIGHUP (sshd's pty hung up: the client went away) and SIGTERM end
+the session as sshd's own hangup would, but told: the program's group gets SIGHUP, what it
+writes until it exits is recorded, and the end says why (left to their default, either killed
+the wrapper on the spot, its last batch and the end lost, the session listed as crashed).
+
+Output passes through a buffer of at most OUT_CAP bytes, with both sides non-blocking: we keep
+reading the program while sshd drains the terminal (pipelined, not lockstep), and stop reading
+when the buffer is full (a slow client slows the program, nothing piles up). Input likewise, through at most IN_CAP bytes: a program that reads no input while it
 writes (a paste into `yes`) must not stop its output, as sshd alone would not; waiting for it
 to take the input, the relay would stop reading its output, and both would wait for ever. The
 agent never holds anything up: frames go to AgentClient, which batches them and sends only
@@ -32,6 +36,9 @@ CHUNK = 65536
 # 4 KiB cost the relay half its CPU.
 OUT_CAP = 256 * 1024
 IN_CAP = CHUNK  # past it, sshd holds the client's input, as it does for a program of its own
+# After a hangup, how long the program has to exit: one that ignores SIGHUP (nohup, a trap) is
+# left running, as sshd leaves it, and the session ends without its exit status.
+HANGUP_GRACE = 2.0
 
 
 def get_winsize(fd: int) -> tuple[int, int]:
@@ -73,6 +80,9 @@ def _to_program(master: int, data) -> int:
         return len(data)
 
 
+HUP, TERM = bytes([signal.SIGHUP]), bytes([signal.SIGTERM])
+
+
 def _register(poller, fd: int, old: int, new: int) -> int:
     """Change what fd is polled for from `old` to `new` events (0: not polled); returns new."""
     if new:
@@ -93,9 +103,10 @@ def hold_exclusive(fd: int) -> None:
 
 
 def relay(path: str, argv: list[str], env: dict, client, *, record_input: bool,
-          strict: bool = False) -> int:
-    """Run argv in a new pty, relay until it exits; returns its wait status. `strict`: end the
-    session if the agent goes away (recording is required)."""
+          strict: bool = False) -> tuple[int | None, str | None]:
+    """Run argv in a new pty, relay until it exits; returns its wait status (None: it had not
+    exited HANGUP_GRACE after a hangup) and, when a signal ended the session, why. `strict`: end
+    the session if the agent goes away (recording is required)."""
     cols, rows = get_winsize(0)
     pid, master = os.forkpty()
     if pid == 0:
@@ -110,7 +121,8 @@ def relay(path: str, argv: list[str], env: dict, client, *, record_input: bool,
     for fd in (sig_r, sig_w):
         os.set_blocking(fd, False)
     old_wakeup = signal.set_wakeup_fd(sig_w)
-    old_handlers = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGWINCH, signal.SIGCHLD)}
+    old_handlers = {s: signal.signal(s, lambda *_: None)
+                    for s in (signal.SIGWINCH, signal.SIGCHLD, signal.SIGHUP, signal.SIGTERM)}
     saved_tty = None
     try:
         saved_tty = termios.tcgetattr(0)
@@ -122,6 +134,9 @@ def relay(path: str, argv: list[str], env: dict, client, *, record_input: bool,
     stdin_open = True
     master_open = True
     hung_up = False
+    ended_by = None  # the signal that ends the session, once one came
+    give_up_at = None  # when to stop waiting for the program after it
+    tty_gone = False  # sshd's pty hung up: nothing more goes to it
     out = bytearray()
     inq = bytearray()  # input the program has not taken yet
     os.set_blocking(1, False)  # fd 0 shares it (sshd's pty): poll says when each may go
@@ -158,6 +173,9 @@ def relay(path: str, argv: list[str], env: dict, client, *, record_input: bool,
             timeout = None if wake is None else max(0.0, wake - now) * 1000
             if status is not None:  # only drain what the program left: do not wait for more
                 timeout = 50 if timeout is None else min(timeout, 50)
+            if give_up_at is not None:
+                left = max(0.0, give_up_at - now) * 1000
+                timeout = left if timeout is None else min(timeout, left)
             try:
                 events = poller.poll(timeout)
             except InterruptedError:
@@ -185,6 +203,14 @@ def relay(path: str, argv: list[str], env: dict, client, *, record_input: bool,
                     done, st = os.waitpid(pid, os.WNOHANG)
                     if done:
                         status = st
+                if ended_by is None and (HUP in sigs or TERM in sigs):
+                    ended_by = "SIGHUP" if HUP in sigs else "SIGTERM"
+                    give_up_at = now + HANGUP_GRACE
+                    if HUP in sigs:  # the terminal is gone: the program's output is only recorded
+                        tty_gone, stdin_open = True, False
+                        out.clear()
+                    if status is None:
+                        _hang_up(master, pid)
             if r_master & ~OUT:
                 # One read per wakeup: a second one mostly finds nothing, and a read that fails
                 # with EAGAIN costs as much as one that works.
@@ -198,13 +224,19 @@ def relay(path: str, argv: list[str], env: dict, client, *, record_input: bool,
                     data = b""
                 if data:
                     client.add(b"o", data, now)
-                    if not out:
+                    if tty_gone:
+                        pass
+                    elif not out:
                         # Straight on to the terminal: waiting for poll to say fd 1 has room
                         # would cost a pass of the loop per read.
                         try:
                             n = write(1, data)
                         except BlockingIOError:
                             n = 0
+                        except OSError as e:  # EIO: hung up before its SIGHUP came
+                            if e.errno != errno.EIO:
+                                raise
+                            tty_gone, stdin_open, n = True, False, len(data)
                         if n < len(data):
                             out += data[n:] if n else data
                     else:
@@ -220,13 +252,24 @@ def relay(path: str, argv: list[str], env: dict, client, *, record_input: bool,
                     del out[:write(1, out)]
                 except BlockingIOError:
                     pass
+                except OSError as e:
+                    if e.errno != errno.EIO:
+                        raise
+                    tty_gone, stdin_open = True, False
+                    out.clear()
             if not master_open and not out:
                 break
-            if r_stdin:
+            if give_up_at is not None and now >= give_up_at:
+                break  # the program ignores the hangup: it is left running, as sshd leaves it
+            if r_stdin and stdin_open:
                 try:
                     data = read(0, CHUNK)
                 except BlockingIOError:
                     data = None
+                except OSError as e:
+                    if e.errno != errno.EIO:
+                        raise
+                    data = b""
                 if data == b"":
                     stdin_open = False  # the client sent EOF; the program sees it as ^D would
                 elif data:
@@ -250,15 +293,15 @@ def relay(path: str, argv: list[str], env: dict, client, *, record_input: bool,
                 os.killpg(pid, signal.SIGHUP)
     finally:
         os.set_blocking(1, True)
-        if out:
+        if out and not tty_gone:
             _write_all(1, bytes(out))
         try:
             # sshd may drop what is still in its pty once we are gone: let it read everything.
             termios.tcdrain(1)
+            if saved_tty is not None:
+                termios.tcsetattr(0, termios.TCSAFLUSH, saved_tty)
         except termios.error:
-            pass
-        if saved_tty is not None:
-            termios.tcsetattr(0, termios.TCSAFLUSH, saved_tty)
+            pass  # hung up
         signal.set_wakeup_fd(old_wakeup)
         for s, h in old_handlers.items():
             signal.signal(s, h)
@@ -266,5 +309,29 @@ def relay(path: str, argv: list[str], env: dict, client, *, record_input: bool,
         os.close(sig_w)
         os.close(master)
     if status is None:
-        _, status = os.waitpid(pid, 0)
-    return status
+        done, st = os.waitpid(pid, os.WNOHANG if ended_by else 0)
+        status = st if done else None
+    return status, ended_by and _ended_by(ended_by, status)
+
+
+def _hang_up(master: int, pid: int) -> None:
+    """What a hangup of the program's terminal does (closing our side would too, but leave us
+    nothing to record): SIGHUP to its session leader and its foreground process group."""
+    groups = {pid}
+    try:
+        groups.add(os.tcgetpgrp(master))
+    except OSError:
+        pass
+    for group in groups:
+        try:
+            os.killpg(group, signal.SIGHUP)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _ended_by(sig: str, status: int | None) -> str:
+    why = ("the terminal hung up (the client disconnected, or a process of the user's sent "
+           "SIGHUP)" if sig == "SIGHUP" else "the session wrapper was sent SIGTERM")
+    if status is None:
+        return f"{why}; the program ignored SIGHUP and was left running"
+    return f"{why}; the program was sent SIGHUP and ended"

@@ -54,9 +54,11 @@ def _report(message: str) -> None:
     syslog.syslog(syslog.LOG_WARNING, message)
 
 
-def _exit_like(status: int) -> None:
+def _exit_like(status: int | None) -> None:
     """Leave as the program did: its exit code, or the signal that killed it (sshd reports
-    exit-signal to the client, as without us)."""
+    exit-signal to the client, as without us). None: it was left running after a hangup."""
+    if status is None:
+        status = (128 + 1) << 8  # as a shell reports a hangup: 129
     if os.WIFSIGNALED(status):
         import signal
         sig = os.WTERMSIG(status)
@@ -128,9 +130,11 @@ def main(argv: list[str] | None = None) -> None:
 
     if interactive:
         from session_wrapper.pty_relay import relay
-        status = relay(path, args, dict(os.environ), client,
-                       record_input=cfg["recording.input"], strict=strict)
-        end = {"exit_status": os.waitstatus_to_exitcode(status)}
+        status, ended_by = relay(path, args, dict(os.environ), client,
+                                 record_input=cfg["recording.input"], strict=strict)
+        end = {"exit_status": os.waitstatus_to_exitcode(status) if status is not None else None}
+        if ended_by:
+            end["reason"] = ended_by
     else:
         from session_wrapper.passthrough import run
         status, bytes_in, bytes_out = run(path, args, dict(os.environ),

@@ -436,6 +436,8 @@ class SessionServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         evs = []
         common = {"sid": sid, "login": login}
         cut = {"command_bytes": session["command_bytes"]} if "command_bytes" in session else {}
+        reason = str(header.get("reason", "exited"))[:200]
+        why = {"end_reason": reason} if reason != "exited" else {}  # a signal ended it
         duration = round(now - row["started"], 6)
         if row["mode"] == "exec":
             evs.append(events.new("exec", at=now, command=row["command"], exit_status=status,
@@ -445,7 +447,7 @@ class SessionServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         if row["chunks"] or row["mode"] == "interactive":
             evs.append(events.new("session.recording", at=now, size=row["bytes_out"],
                                   stored=row["stored_bytes"], duration=duration,
-                                  exit_status=status, **cut, **common))
+                                  exit_status=status, **cut, **why, **common))
         dropped = _int(header.get("dropped_bytes"), 0)
         if dropped:
             evs.append(events.new("session.recording_failed", at=now, reason=(
@@ -459,8 +461,8 @@ class SessionServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         fields = {}
         if row["mode"] == "exec" and not row["chunks"]:
             fields["bytes_out"] = _int(header.get("bytes_out"), 0)  # passed through, not recorded
-        self.spool.end_recording(sid, *evs, ended=now, exit_status=status,
-                                 end_reason=str(header.get("reason", "exited"))[:200], **fields)
+        self.spool.end_recording(sid, *evs, ended=now, exit_status=status, end_reason=reason,
+                                 **fields)
 
     def lost(self, session) -> None:
         """The wrapper went away without an end: killed, or crashed."""

@@ -314,6 +314,31 @@ def test_wrapper_cannot_be_traced_and_killing_it_ends_the_session(trail):
     assert "went away" in rec["end_reason"]
 
 
+@pytest.mark.parametrize("ignores_hangup", [False, True])
+def test_a_client_that_goes_away_leaves_a_whole_recording_that_says_so(trail, ignores_hangup):
+    # sshd's pty hangs up when the client is gone, and SIGHUP used to kill the wrapper on the
+    # spot: its last batch (the last ~50 ms of output) and its end were lost, and the session
+    # read as crashed.
+    user = shell_user(trail.lab, "hup")
+    term = Terminal(trail.lab, user)
+    term.expect(b"READY")
+    if ignores_hangup:  # as nohup does: left running, as sshd leaves it
+        term.send("trap '' HUP; echo trapped-$((2*3))\r")
+        term.expect(b"trapped-6")
+    term.send("echo phase-$((6*7))\r")
+    term.expect(b"phase-42")
+    term.p.kill(signal.SIGKILL)  # the client dies: sshd drops the connection and the pty
+    rec, _, frames, _ = recording_of(trail, user)
+    assert "phase-42" in "".join(d for _, k, d in frames if k == "o")
+    assert rec["end_reason"].startswith("the terminal hung up (the client disconnected")
+    if ignores_hangup:
+        assert rec["end_reason"].endswith("ignored SIGHUP and was left running")
+        assert rec["exit_status"] is None
+    else:
+        assert rec["end_reason"].endswith("was sent SIGHUP and ended")
+        assert rec["exit_status"] == -signal.SIGHUP
+
+
 def wrappers_of(user) -> list[int]:
     found = []
     for name in filter(str.isdigit, os.listdir("/proc")):
