@@ -167,17 +167,18 @@ class Screen(pyte.Screen):
     def erase_in_display(self, how: int = 0, *args: Any, **kwargs: Any) -> None:
         if how not in (0, 1, 2, 3):
             return
-        if self.cursor.attrs != self.default_char:
-            # The erased cells take the cursor's colours: pyte sets each cell the lines held,
-            # a screen's worth at most (MAX_COLUMNS x MAX_LINES bounds it).
-            super().erase_in_display(how)
-            return
-        # Erased to the default, the lines go: pyte would set every cell they ever held, so a
-        # screen filled once made every later erase cost the whole screen.
+        # Each erased line is replaced by a blank one, in the cursor's colours as terminals
+        # erase (a line whose default cell is that blank). pyte set every cell the line ever
+        # held instead, so a screen filled once made every later erase cost the whole screen,
+        # and the cells it never held kept the default background.
         lines = range(self.cursor.y + 1, self.lines) if how == 0 else \
             range(self.cursor.y) if how == 1 else range(self.lines)
+        attrs = self.cursor.attrs
         for y in lines:
-            self.buffer.pop(y, None)
+            if attrs == self.default_char:
+                self.buffer.pop(y, None)
+            else:
+                self.buffer[y] = StaticDefaultDict(attrs)
         self.dirty.update(lines)
         if how in (0, 1):
             self.erase_in_line(how)
@@ -215,7 +216,7 @@ def new(columns: int, lines: int) -> tuple[Screen, Stream]:
 def _copy_buffer(buffer) -> dict:
     out = {}
     for y, line in buffer.items():
-        if line:
+        if line or line.default != _BLANK:
             copy = StaticDefaultDict(line.default)
             copy.update(line)
             out[y] = copy
@@ -326,6 +327,9 @@ def sgr(c: Char) -> str:
     return f"{ESC}[{';'.join(parts)}m"
 
 
+_BLANK = Char(" ")  # a cell no one wrote or erased in colour
+
+
 def _attrs(c: Char) -> Char:
     return c._replace(data=" ")
 
@@ -333,16 +337,21 @@ def _attrs(c: Char) -> Char:
 def _draw_rows(buffer, columns: int, lines: int, out: list[str]) -> None:
     for y in range(lines):
         line = buffer.get(y)
-        if line:
+        if line or line is not None and line.default != _BLANK:
             draw_line(line, columns, y, out)
 
 
 def draw_line(line, columns: int, y: int, out: list[str]) -> None:
-    """Row `y` (0-based) as cells with their attributes, onto a blank row of the viewer's."""
-    blank = _attrs(Char(" "))
-    last = max((x for x, c in line.items()
-                if x < columns and (c.data != " " or _attrs(c) != blank)), default=-1)
+    """Row `y` (0-based) as cells with their attributes, onto a blank row of the viewer's. A row
+    erased in colour (its default cell not the blank one) is erased so first: the viewer's
+    terminal fills it with the colour, as the recorded one did."""
+    blank = line.default
+    if blank != _BLANK:
+        out.append(f"{ESC}[{y + 1};1H{sgr(blank)}{ESC}[2K")
+    last = max((x for x, c in line.items() if x < columns and c != blank), default=-1)
     if last < 0:
+        if blank != _BLANK:
+            out.append(f"{ESC}[0m")
         return
     out.append(f"{ESC}[{y + 1};1H")
     current = None
@@ -411,7 +420,8 @@ def render(snap: Snapshot, scroll_rows: int | None = None) -> str:
         out.append(f"{ESC}[?6h")
     if c.x >= snap.columns:
         # Pending wrap: the last column was just written. Writing it again recreates that state.
-        cell = snap.buffer.get(c.y, {}).get(snap.columns - 1) or Char(" ")
+        line = snap.buffer.get(c.y)
+        cell = line[snap.columns - 1] if line is not None else _BLANK
         out.append(f"{ESC}[{c.y - top + 1};{snap.columns}H{sgr(cell)}{cell.data or ' '}")
     else:
         out.append(f"{ESC}[{c.y - top + 1};{c.x + 1}H")

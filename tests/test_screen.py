@@ -53,17 +53,37 @@ def test_scroll_up_and_down_move_the_regions_lines_as_indexes_would(seed):
 
 @pytest.mark.parametrize("seed", range(40))
 @pytest.mark.parametrize("how", [0, 1, 2, 3])
-def test_erase_in_display_shows_what_pytes_erase_shows(seed, how):
+def test_erase_in_display_blanks_every_cell_in_the_cursors_colours(seed, how):
     rng = random.Random(seed)
     ours, stream = filled(seed)
     theirs, _ = filled(seed)
-    colour = rng.choice(["", "\x1b[44m"])  # erased cells take the cursor's colours
+    colour = rng.choice(["", "\x1b[44m", "\x1b[7m"])
     move = f"\x1b[{rng.randint(1, 12)};{rng.randint(1, 30)}H{colour}"
     stream.feed(move)
     screen.Stream(theirs).feed(move)
     stream.feed(f"\x1b[{how}J")
+    # pyte's erase, then what it leaves out: the cells its lines never held (a terminal fills
+    # the whole line with the erasing colour).
     pyte.Screen.erase_in_display(theirs, how)
+    y = theirs.cursor.y
+    for row in {0: range(y + 1, 12), 1: range(y)}.get(how, range(12)):
+        for x in range(30):
+            theirs.buffer[row][x] = theirs.cursor.attrs
     assert screen.cells(ours) == screen.cells(theirs)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_a_screen_erased_in_colour_redraws_as_it_was(seed):
+    # What render() writes, fed to a fresh model, must show every cell as the recorded screen.
+    rng = random.Random(seed)
+    ours, stream = filled(seed)
+    stream.feed(f"\x1b[{rng.randint(1, 12)};{rng.randint(1, 30)}H\x1b[44m\x1b[{rng.choice('012')}J"
+                f"\x1b[0;31mred\x1b[{rng.randint(1, 12)};1H\x1b[0mplain\x1b[45m\x1b[K")
+    viewer, viewer_stream = screen.new(30, 12)
+    viewer_stream.feed(screen.render(screen.snapshot(ours)))
+    assert screen.cells(viewer) == screen.cells(ours)
+    again, _ = screen.restored(screen.snapshot(ours))  # and a keyframe keeps it
+    assert screen.cells(again) == screen.cells(ours)
 
 
 def test_a_claimed_size_is_bounded():
