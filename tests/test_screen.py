@@ -105,3 +105,22 @@ def test_rep_repeats_at_most_a_lines_worth():
     # 1 + 20 repeats from column 5: the rest of row 3, wrapping onto row 4, no further.
     assert text.count("x") == 21 and scr.display[4].strip() == ""
     assert scr.display[2] == " " * 4 + "x" * 16 and scr.display[3] == "x" * 5 + " " * 15
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_a_resize_keeps_what_pytes_resize_keeps(seed):
+    rng = random.Random(seed)
+    ours, stream = filled(seed)
+    theirs, _ = filled(seed)
+    if rng.random() < 0.5:
+        stream.feed("\x1b[3;9r")
+        theirs.set_margins(3, 9)
+    stream.feed("\x1b[5;20H")
+    theirs.cursor.x, theirs.cursor.y = ours.cursor.x, ours.cursor.y
+    lines, columns = rng.choice([12, 5, 20]), rng.choice([30, 1, 7, 29, 50])
+    ours.resize(lines, columns)
+    pyte.Screen.resize(theirs, lines, columns)
+    assert (ours.lines, ours.columns, ours.margins) == (theirs.lines, theirs.columns, theirs.margins)
+    assert screen.cells(ours) == screen.cells(theirs)
+    assert {y: dict(line) for y, line in ours.buffer.items() if line} == \
+        {y: dict(line) for y, line in theirs.buffer.items() if line}
