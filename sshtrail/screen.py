@@ -41,6 +41,13 @@ def _bounded(value: int, most: int) -> int:
     return max(1, min(value, most))
 
 
+def _drop_columns(buffer, columns: int) -> None:
+    """Remove the cells at `columns` and beyond: the screen got narrower."""
+    for line in buffer.values():
+        for x in [x for x in line if x >= columns]:
+            del line[x]
+
+
 class Screen(pyte.Screen):
     """A pyte screen with an alternate screen, SU/SD and REP, as xterm behaves."""
 
@@ -124,17 +131,12 @@ class Screen(pyte.Screen):
         if self.hidden_buffer is not None:
             for y in [y for y in self.hidden_buffer if y >= lines]:
                 del self.hidden_buffer[y]
-            for line in self.hidden_buffer.values():
-                for x in [x for x in line if x >= columns]:
-                    del line[x]
+            _drop_columns(self.hidden_buffer, columns)
         if columns < self.columns:
-            # Narrower: the cells past the new edge go, as pyte would drop them, but found among
-            # the cells each line holds. pyte tries every column it drops on every line: a
-            # window change from 1000 columns to 1 and back, ~40 bytes of recording, cost it
-            # half a million steps.
-            for line in self.buffer.values():
-                for x in [x for x in line if x >= columns]:
-                    del line[x]
+            # Narrower: dropped here, among the cells each line holds. pyte tries every column
+            # it drops on every line: a window change from 1000 columns to 1 and back, ~40
+            # bytes of recording, cost it half a million steps.
+            _drop_columns(self.buffer, columns)
             if lines == self.lines:
                 self.dirty.update(range(lines))
                 self.set_margins()  # what pyte's resize does last
@@ -186,8 +188,9 @@ class Screen(pyte.Screen):
         lines = range(self.cursor.y + 1, self.lines) if how == 0 else \
             range(self.cursor.y) if how == 1 else range(self.lines)
         attrs = self.cursor.attrs
+        plain = attrs == self.default_char
         for y in lines:
-            if attrs == self.default_char:
+            if plain:
                 self.buffer.pop(y, None)
             else:
                 self.buffer[y] = StaticDefaultDict(attrs)

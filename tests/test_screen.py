@@ -20,6 +20,17 @@ def filled(seed: int, cols: int = 30, rows: int = 12) -> tuple[screen.Screen, sc
     return scr, stream
 
 
+def twins(seed: int, region: tuple[int, int] | None = None):
+    """The same screen (and scroll region) in our model and in one pyte's own methods will
+    change, for comparing the two."""
+    ours, stream = filled(seed)
+    theirs, _ = filled(seed)
+    if region:
+        stream.feed(f"\x1b[{region[0]};{region[1]}r")
+        theirs.set_margins(*region)
+    return ours, stream, theirs
+
+
 def reference_scroll(scr: screen.Screen, count: int, up: bool) -> None:
     """SU/SD as an index at the region's bottom (reverse index at its top) per line, with pyte's
     own methods: what the model did before it moved the lines in one go."""
@@ -34,13 +45,9 @@ def reference_scroll(scr: screen.Screen, count: int, up: bool) -> None:
 @pytest.mark.parametrize("seed", range(40))
 def test_scroll_up_and_down_move_the_regions_lines_as_indexes_would(seed):
     rng = random.Random(seed)
-    ours, stream = filled(seed)
-    theirs, _ = filled(seed)
-    if rng.random() < 0.5:
-        top = rng.randint(1, 6)
-        region = f"\x1b[{top};{rng.randint(top + 1, 12)}r"
-        stream.feed(region)
-        theirs.set_margins(*(int(v) for v in region[2:-1].split(";")))
+    top = rng.randint(1, 6)
+    region = (top, rng.randint(top + 1, 12)) if rng.random() < 0.5 else None
+    ours, stream, theirs = twins(seed, region)
     count = rng.choice([1, 2, 5, 11, 12, 13, 9999])
     up = rng.random() < 0.5
     stream.feed(f"\x1b[{rng.randint(1, 12)};{rng.randint(1, 30)}H")
@@ -55,8 +62,7 @@ def test_scroll_up_and_down_move_the_regions_lines_as_indexes_would(seed):
 @pytest.mark.parametrize("how", [0, 1, 2, 3])
 def test_erase_in_display_blanks_every_cell_in_the_cursors_colours(seed, how):
     rng = random.Random(seed)
-    ours, stream = filled(seed)
-    theirs, _ = filled(seed)
+    ours, stream, theirs = twins(seed)
     colour = rng.choice(["", "\x1b[44m", "\x1b[7m"])
     move = f"\x1b[{rng.randint(1, 12)};{rng.randint(1, 30)}H{colour}"
     stream.feed(move)
@@ -110,11 +116,7 @@ def test_rep_repeats_at_most_a_lines_worth():
 @pytest.mark.parametrize("seed", range(40))
 def test_a_resize_keeps_what_pytes_resize_keeps(seed):
     rng = random.Random(seed)
-    ours, stream = filled(seed)
-    theirs, _ = filled(seed)
-    if rng.random() < 0.5:
-        stream.feed("\x1b[3;9r")
-        theirs.set_margins(3, 9)
+    ours, stream, theirs = twins(seed, (3, 9) if rng.random() < 0.5 else None)
     stream.feed("\x1b[5;20H")
     theirs.cursor.x, theirs.cursor.y = ours.cursor.x, ours.cursor.y
     lines, columns = rng.choice([12, 5, 20]), rng.choice([30, 1, 7, 29, 50])
