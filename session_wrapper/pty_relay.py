@@ -135,6 +135,7 @@ def relay(path: str, argv: list[str], env: dict, client, *, record_input: bool,
     master_open = True
     hung_up = False
     ended_by = None  # the signal that ends the session, once one came
+    left_behind = False  # it came after the program's exit, as we drained what it left
     give_up_at = None  # when to stop waiting for the program after it
     tty_gone = False  # sshd's pty hung up: nothing more goes to it
     out = bytearray()
@@ -211,6 +212,8 @@ def relay(path: str, argv: list[str], env: dict, client, *, record_input: bool,
                         out.clear()
                     if status is None:
                         _hang_up(master, pid)
+                    else:  # it had exited: what still writes is what it left running
+                        left_behind = True
             if r_master & ~OUT:
                 # One read per wakeup: a second one mostly finds nothing, and a read that fails
                 # with EAGAIN costs as much as one that works.
@@ -311,7 +314,7 @@ def relay(path: str, argv: list[str], env: dict, client, *, record_input: bool,
     if status is None:
         done, st = os.waitpid(pid, os.WNOHANG if ended_by else 0)
         status = st if done else None
-    return status, ended_by and _ended_by(ended_by, status)
+    return status, ended_by and _ended_by(ended_by, status, left_behind)
 
 
 def _hang_up(master: int, pid: int) -> None:
@@ -329,9 +332,12 @@ def _hang_up(master: int, pid: int) -> None:
             pass
 
 
-def _ended_by(sig: str, status: int | None) -> str:
+def _ended_by(sig: str, status: int | None, left_behind: bool) -> str:
     why = ("the terminal hung up (the client disconnected, or a process of the user's sent "
            "SIGHUP)" if sig == "SIGHUP" else "the session wrapper was sent SIGTERM")
+    if left_behind:  # the program ended by itself: its status says how
+        return (f"the program had exited; then {why}, while processes it left running still "
+                "wrote to its terminal")
     if status is None:
         return f"{why}; the program ignored SIGHUP and was left running"
     return f"{why}; the program was sent SIGHUP and ended"

@@ -339,6 +339,31 @@ def test_a_client_that_goes_away_leaves_a_whole_recording_that_says_so(trail, ig
         assert rec["exit_status"] == -signal.SIGHUP
 
 
+def test_a_signal_after_the_program_exited_leaves_its_own_end(trail):
+    # The program exits with 3, leaving a process that writes to its pty, and the client reads
+    # nothing: the relay is still passing that output on when the wrapper is sent SIGTERM. The
+    # end is the program's own, and says what came after; no SIGHUP was sent to it.
+    user = shell_user(trail.lab, "termx")
+    term = Terminal(trail.lab, user, command="trap '' HUP; yes tick & sleep 0.3; exit 3")
+    deadline = time.monotonic() + 15
+    while not (wrappers := wrappers_of(user)) or _children(wrappers[0]):
+        assert time.monotonic() < deadline, "the program did not exit"
+        time.sleep(0.05)
+    os.kill(wrappers[0], signal.SIGTERM)
+    assert term.wait() == 3
+    rec, _, frames, _ = recording_of(trail, user)
+    assert "tick" in "".join(d for _, k, d in frames if k == "o")
+    assert rec["exit_status"] == 3
+    assert rec["end_reason"] == (
+        "the program had exited; then the session wrapper was sent SIGTERM, while processes it "
+        "left running still wrote to its terminal")
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(c) for c in f.read().split()]
+
+
 def wrappers_of(user) -> list[int]:
     found = []
     for name in filter(str.isdigit, os.listdir("/proc")):
