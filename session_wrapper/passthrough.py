@@ -16,6 +16,8 @@ import select
 # The C module, not socket.py: its enum wrappers cost ~5 ms of every session's start.
 from _socket import SHUT_WR, socket
 
+from session_wrapper.program import exec_program
+
 CHUNK = 65536
 
 
@@ -43,9 +45,9 @@ def run(path: str, argv: list[str], env: dict, client, *, record: bool) -> tuple
                 os.dup2(fd, target)
             for fd in (in_r, in_w, out_r, out_w, err_r, err_w):
                 os.close(fd)
-            os.execve(path, argv, env)
-        finally:
+        except OSError:
             os._exit(127)
+        exec_program(path, argv, env)
     for fd in (in_r, out_w, err_w):
         os.close(fd)
     streams = [_Stream(0, in_w, None), _Stream(out_r, 1, b"o" if record else None),

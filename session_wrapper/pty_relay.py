@@ -31,6 +31,8 @@ import tty
 # start, and the relay needs only numbers and handlers.
 import _signal as signal
 
+from session_wrapper.program import exec_program
+
 CHUNK = 65536
 # One pass takes what the pty has (a pty hands out ~4 KiB per read) into one frame: a frame per
 # 4 KiB cost the relay half its CPU.
@@ -110,10 +112,7 @@ def relay(path: str, argv: list[str], env: dict, client, *, record_input: bool,
     cols, rows = get_winsize(0)
     pid, master = os.forkpty()
     if pid == 0:
-        try:
-            os.execve(path, argv, env)
-        finally:
-            os._exit(127)
+        exec_program(path, argv, env)
     set_winsize(master, cols, rows)
     os.set_blocking(master, False)
 

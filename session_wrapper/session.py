@@ -16,6 +16,8 @@ from __future__ import annotations
 import os
 import sys
 
+from session_wrapper import program
+
 PR_SET_DUMPABLE = 4
 SFTP_SERVER = "/usr/lib/openssh/sftp-server"
 
@@ -73,6 +75,7 @@ def _exit_like(status: int | None) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    program.undo_locale_coercion(os.environ)
     make_undumpable()
     interactive = os.isatty(0)
     if interactive:

@@ -128,6 +128,24 @@ def test_exec_exit_status_stdin_eof_and_stderr(trail):
     assert evs[1]["bytes_in"] == len(b"from-stdin") and evs[1]["bytes_out"] == len(b"from-stdindone\n") + 4
 
 
+@pytest.mark.parametrize("tty", [False, True])
+def test_the_program_starts_as_sshd_would_start_it(trail_factory, tty):
+    # The wrapper is Python, which ignores SIGPIPE and SIGXFSZ and, in the C locale, sets
+    # LC_CTYPE=C.UTF-8 in its environment (PEP 538). Both reached every program of the session:
+    # `yes | head -1` printed "Broken pipe", and a shell loop writing into `head` never ended.
+    trail = trail_factory(extra_sshd_config="AcceptEnv LC_CTYPE\n")
+    user = trail.lab.add_user("sig")
+    probe = ("grep -E '^Sig(Ign|Blk)' /proc/self/status; echo \"ctype=${LC_CTYPE-unset}\"; "
+             "timeout 10 sh -c 'while :; do echo loop; done | head -1'; yes | head -1")
+    r = trail.lab.ssh(user, probe, tty=tty)
+    out = (r.stdout + r.stderr).replace(b"\r\n", b"\n")
+    assert out == (b"SigBlk:\t0000000000000000\nSigIgn:\t0000000000000000\n"
+                   b"ctype=unset\nloop\ny\n"), out
+    r = trail.lab.ssh(user, "echo \"ctype=${LC_CTYPE-unset}\"", tty=tty,
+                      extra_opts=["-o", "SetEnv=LC_CTYPE=POSIX"])
+    assert r.stdout.strip() == b"ctype=POSIX"
+
+
 def test_a_command_and_terminal_that_are_not_utf8_work_as_without_the_wrapper(trail, tmp_path):
     # A file named in Latin-1 on the server: `scp -O lab:café.txt` has sshd hand the wrapper
     # `scp -f caf\xe9.txt`, bytes that are not UTF-8 (str here: surrogateescape). They must reach
@@ -345,11 +363,13 @@ def test_a_signal_after_the_program_exited_leaves_its_own_end(trail):
     # end is the program's own, and says what came after; no SIGHUP was sent to it.
     user = shell_user(trail.lab, "termx")
     term = Terminal(trail.lab, user, command="trap '' HUP; yes tick & sleep 0.3; exit 3")
+    term.expect(b"tick")  # the relay runs; the client reads no more after this
+    (wrapper,) = wrappers_of(user)
     deadline = time.monotonic() + 15
-    while not (wrappers := wrappers_of(user)) or _children(wrappers[0]):
+    while _children(wrapper):
         assert time.monotonic() < deadline, "the program did not exit"
         time.sleep(0.05)
-    os.kill(wrappers[0], signal.SIGTERM)
+    os.kill(wrapper, signal.SIGTERM)
     assert term.wait() == 3
     rec, _, frames, _ = recording_of(trail, user)
     assert "tick" in "".join(d for _, k, d in frames if k == "o")
