@@ -64,7 +64,8 @@ def _exit_like(status: int | None) -> None:
     if os.WIFSIGNALED(status):
         import signal
         sig = os.WTERMSIG(status)
-        signal.signal(sig, signal.SIG_DFL)
+        if sig not in (signal.SIGKILL, signal.SIGSTOP):  # neither can be handled, nor reset
+            signal.signal(sig, signal.SIG_DFL)
         os.kill(os.getpid(), sig)
     # os._exit: the session is over and reported; the interpreter's teardown would only make
     # sshd (and the user) wait ~2 ms longer for the exit status.

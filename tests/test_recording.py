@@ -146,6 +146,18 @@ def test_the_program_starts_as_sshd_would_start_it(trail_factory, tty):
     assert r.stdout.strip() == b"ctype=POSIX"
 
 
+@pytest.mark.parametrize("tty", [False, True])
+def test_a_program_killed_by_sigkill_ends_the_session_as_it_would_without_the_wrapper(trail, tty):
+    # The wrapper leaves as its program did, by the same signal; SIGKILL cannot be reset to its
+    # default, and trying to printed a traceback and exited 1 instead of sshd's exit-signal.
+    user = trail.lab.add_user("kill")
+    r = trail.lab.ssh(user, "echo x; kill -9 $$", tty=tty)
+    assert r.returncode == 255 and b"Traceback" not in r.stdout + r.stderr, r.stderr
+    (ev,) = trail.wait_for(lambda e: len(e) >= 1, type="exec" if not tty else "session.recording",
+                           user=user.login)
+    assert ev["exit_status"] == -signal.SIGKILL
+
+
 def test_a_command_and_terminal_that_are_not_utf8_work_as_without_the_wrapper(trail, tmp_path):
     # A file named in Latin-1 on the server: `scp -O lab:café.txt` has sshd hand the wrapper
     # `scp -f caf\xe9.txt`, bytes that are not UTF-8 (str here: surrogateescape). They must reach
