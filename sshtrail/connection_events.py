@@ -62,7 +62,7 @@ class ConnectionEvents:
         self.listeners = {p: s for p, s in self.listeners.items() if table.get(p, (0, -1))[1] == s}
         new = []
         for pid, (ppid, start) in table.items():
-            if pid not in self.listeners and procfs.is_sshd(pid) and not procfs.is_sshd(ppid):
+            if pid not in self.listeners and procfs.is_root_sshd(pid) and not procfs.is_sshd(ppid):
                 self.listeners[pid] = start
                 new.append(pid)
         return new
@@ -101,7 +101,10 @@ class ConnectionEvents:
             pstart, conn = place
             if conn[0] == pid:
                 continue  # the connection's own monitor: authentication and PAM's work, root's
-            forwarded = ev["kind"] in ("connect", "connected", "listen") and procfs.is_sshd(pid)
+            # sshd's process for the connection, the monitor's child: a user may run sshd's
+            # program too, inside their session.
+            forwarded = (ev["kind"] in ("connect", "connected", "listen")
+                         and ev["ppid"] == conn[0] and procfs.is_sshd(pid))
             self._waiting.setdefault(conn, collections.deque()).append(
                 (now + HOLD, now + self.patience, pid, pstart, forwarded, ev))
             self._count += 1

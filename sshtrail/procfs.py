@@ -57,11 +57,42 @@ def real_uid(pid: int) -> int:
 
 
 def is_sshd(pid: int) -> bool:
-    """The process runs sshd's program: the kernel's word (/proc/PID/exe), not its name."""
+    """The process runs sshd's program: the kernel's word (/proc/PID/exe), not its name, and a
+    file only root can have put there. Anybody may copy a program to a file named sshd: the
+    user in a session, to pass a process of theirs for the sshd that started a wrapper. (Anybody
+    may also run sshd's own program, as themselves: is_root_sshd for the processes that only
+    root's sshd has.)"""
     try:
-        return os.path.basename(os.readlink(f"/proc/{pid}/exe")) in SSHD_NAMES
+        path = os.readlink(f"/proc/{pid}/exe")
+        if path.endswith(" (deleted)"):  # replaced since it started (an upgrade): still sshd
+            path = path[:-len(" (deleted)")]
+        if os.path.basename(path) not in SSHD_NAMES:
+            return False
+        if not _roots(os.stat(f"/proc/{pid}/exe")):  # the file it runs, wherever it is now
+            return False
+        folder = os.path.dirname(path)
+        while True:  # and nobody but root could have put a file by that name there
+            if not _roots(os.stat(folder)):
+                return False
+            if folder == "/":
+                return True
+            folder = os.path.dirname(folder)
     except OSError:
         return False
+
+
+def is_root_sshd(pid: int) -> bool:
+    """sshd's program, run by root: a listener, or the process serving a connection (its
+    monitor), which a user cannot start."""
+    try:
+        return is_sshd(pid) and real_uid(pid) == 0
+    except OSError:
+        return False
+
+
+def _roots(st: os.stat_result) -> bool:
+    """Owned by root, and writable by nobody else."""
+    return st.st_uid == 0 and not st.st_mode & 0o022
 
 
 def table() -> dict[int, tuple[int, int]]:

@@ -71,7 +71,7 @@ def sshd_monitor_of(pid: int, uid: int) -> tuple[int, str | None]:
         monitor = procfs.parent(parent)
     except (OSError, ValueError):
         raise PeerRefused(f"process {pid} vanished") from None
-    if not (procfs.is_sshd(parent) and procfs.is_sshd(monitor)):
+    if not (procfs.is_sshd(parent) and procfs.is_root_sshd(monitor)):
         raise PeerRefused(f"process {pid} was not started by sshd (parent {parent}, {monitor})")
     return monitor, shell
 

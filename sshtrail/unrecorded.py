@@ -80,7 +80,7 @@ class UnrecordedWatch:
         now = time.clock_gettime(time.CLOCK_BOOTTIME) * CLK_TCK  # what start times count
         found = []
         for monitor, sid, login in sessions:
-            if monitor not in table or not procfs.is_sshd(monitor):
+            if monitor not in table or not procfs.is_root_sshd(monitor):
                 continue  # the session is over (its close may not have been written yet)
             try:
                 pw = pwd.getpwnam(login)
@@ -91,7 +91,9 @@ class UnrecordedWatch:
                 pid = stack.pop()
                 if pid in wrappers:
                     continue  # recorded, with all it starts
-                if pid in starters or procfs.is_sshd(pid):
+                # sshd's process for the connection is the monitor's child; below it, a user
+                # may run sshd's program too.
+                if pid in starters or (table[pid][0] == monitor and procfs.is_sshd(pid)):
                     stack.extend(children.get(pid, ()))
                     continue
                 start = table[pid][1]
@@ -159,7 +161,7 @@ class UnrecordedWatch:
                     continue
                 if not stat.S_ISCHR(st.st_mode) or st.st_rdev not in terminals:
                     continue
-                if procfs.is_sshd(pid):
+                if procfs.is_root_sshd(pid):
                     break  # sshd of a root login: its monitor holds the pty too
                 sid, login, pw = terminals[st.st_rdev]
                 found.append(self._report(pid, start, sid, login, pw, (

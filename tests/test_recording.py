@@ -588,12 +588,21 @@ def test_agent_lost_mid_session_strict_ends_it(trail):
 
 def test_a_process_inside_the_session_cannot_pose_as_a_wrapper(trail):
     user = trail.lab.add_user("fake")
-    fake = ("python3 -c \"import socket, json, struct; s = socket.socket(socket.AF_UNIX); "
-            f"s.connect('{trail.dir / 'agent.sock'}'); "
-            "h = json.dumps({'type': 'hello', 'mode': 'interactive', 'command': 'x'}).encode() + b'\\\\n'; "
-            "s.sendall(struct.pack('>I', len(h)) + h); print(s.recv(4096)[4:].decode())\"")
-    r = trail.lab.ssh(user, fake)
-    assert b'"type":"refused"' in r.stdout and b"not started by sshd" in r.stdout
+    (user.home / "fake.py").write_text(
+        "import socket, json, struct\n"
+        "s = socket.socket(socket.AF_UNIX)\n"
+        f"s.connect('{trail.dir / 'agent.sock'}')\n"
+        "h = json.dumps({'type': 'hello', 'mode': 'interactive', 'command': 'x'}).encode()\n"
+        "s.sendall(struct.pack('>I', len(h) + 1) + h + b'\\n')\n"
+        "print(s.recv(4096)[4:].decode())\n")
+    r = trail.lab.ssh(user, "python3 ~/fake.py")
+    assert b'"type":"refused"' in r.stdout and b"not started by sshd" in r.stdout, r.stdout
+    # Nor under copies of a shell named sshd, posing as sshd's two processes above a wrapper
+    # (`; true`: each shell waits for its command rather than become it). A process was sshd by
+    # its program's file name: this one was welcomed, and its frames stored as a recording.
+    r = trail.lab.ssh(user, "mkdir -p ~/b && cp /bin/sh ~/b/sshd && "
+                            "~/b/sshd -c '~/b/sshd -c \"python3 ~/fake.py; true\"; true'")
+    assert b'"type":"refused"' in r.stdout and b"not started by sshd" in r.stdout, r.stdout
 
 
 def procfs_open_files(pid: int) -> int:
