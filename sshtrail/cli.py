@@ -95,7 +95,10 @@ def _detail(ev: dict) -> str:
         return f"listen {where}" + _host_event_notes(ev)
     if kind == "exec":
         cut = f" (cut: {ev['command_bytes']} bytes in all)" if ev.get("command_bytes") else ""
-        return f"`{ev['command']}`{cut} exit {ev.get('exit_status')}"
+        status = ev.get("exit_status")
+        how = f"exit {status}" if status is not None else "exit status unknown"
+        return (f"`{ev['command']}`{cut} {how}"
+                + (f"; {ev['end_reason']}" if ev.get("end_reason") else ""))
     if kind == "session.recording":
         return f"recorded {ev.get('size', 0)}B" + (f"; {ev['end_reason']}" if ev.get("end_reason") else "")
     if kind == "agent.ebpf_unavailable":

@@ -498,11 +498,19 @@ def close_orphans(spool) -> int:
 
 
 def _end_unreported(spool, row, reason: str, ended: float) -> None:
-    """End a recording whose wrapper never said how it ended, with an event that says so."""
-    ev = events.new("session.recording", sid=row["sid"], login=row["login"],
-                    size=row["bytes_out"], stored=row["stored_bytes"],
-                    duration=round(ended - row["started"], 6), end_reason=reason)
-    spool.end_recording(row["sid"], ev, ended=ended, end_reason=reason)
+    """End a recording whose wrapper never said how it ended, with the events an end would
+    have had (exit status unknown), saying so. A command's is its `exec` event: without it, the
+    command of a killed `ssh host cmd` was in no event at all."""
+    common = {"sid": row["sid"], "login": row["login"], "duration": round(ended - row["started"], 6),
+              "end_reason": reason}
+    evs = []
+    if row["mode"] == "exec":
+        evs.append(events.new("exec", at=ended, command=row["command"], exit_status=None,
+                              **common))
+    if row["chunks"] or row["mode"] == "interactive":
+        evs.append(events.new("session.recording", at=ended, size=row["bytes_out"],
+                              stored=row["stored_bytes"], **common))
+    spool.end_recording(row["sid"], *evs, ended=ended, end_reason=reason)
     log.warning("recording %s: %s", row["sid"], reason)
 
 

@@ -344,6 +344,20 @@ def test_wrapper_cannot_be_traced_and_killing_it_ends_the_session(trail):
     assert "went away" in rec["end_reason"]
 
 
+def test_a_command_whose_wrapper_is_killed_has_its_exec_event(trail):
+    # Only an end from the wrapper wrote a command's `exec` event: killed, the command was in no
+    # event at all (its recording's row alone had it).
+    user = trail.lab.add_user("kexec")
+    r = trail.lab.ssh(user, "kill -9 $PPID; echo gone-$((6*7))")
+    assert r.returncode == 255
+    (ev,) = trail.wait_for(lambda e: len(e) >= 1, type="exec", user=user.login)
+    assert ev["command"] == "kill -9 $PPID; echo gone-$((6*7))" and ev["exit_status"] is None
+    assert "went away without reporting an end" in ev["end_reason"]
+    assert trail.events(type="session.recording", user=user.login) == []  # it recorded nothing
+    table = trail.cli("events", "--user", user.login, "--type", "exec").stdout
+    assert "exit status unknown; the session wrapper went away" in table
+
+
 @pytest.mark.parametrize("ignores_hangup", [False, True])
 def test_a_client_that_goes_away_leaves_a_whole_recording_that_says_so(trail, ignores_hangup):
     # sshd's pty hangs up when the client is gone, and SIGHUP used to kill the wrapper on the
