@@ -17,6 +17,7 @@ raise on what a recording holds.
 from __future__ import annotations
 
 import logging
+import unicodedata
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +25,7 @@ import pyte
 from pyte import graphics as g
 from pyte import modes as mo
 from pyte.screens import Char, Cursor, Margins, Savepoint, StaticDefaultDict
+from wcwidth import wcwidth
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,11 @@ MAX_LINES = 500
 
 def _bounded(value: int, most: int) -> int:
     return max(1, min(value, most))
+
+
+def _single(char: str) -> bool:
+    """The character takes one cell."""
+    return (" " <= char < "\x7f") or wcwidth(char) == 1
 
 
 def _drop_columns(buffer, columns: int) -> None:
@@ -149,9 +156,38 @@ class Screen(pyte.Screen):
     # -- what pyte lacks or raises on ---------------------------------------------------------
 
     def draw(self, data: str) -> None:
-        super().draw(data)
+        if mo.IRM in self.mode:
+            self._draw_inserting(data)
+        else:
+            super().draw(data)
         if data:
             self.last_char = data[-1]
+
+    def _draw_inserting(self, data: str) -> None:
+        """Insert mode (IRM): pyte shifts the line right once per character drawn, a step per
+        cell held: REP's line of characters cost a line's worth of steps each. The same result,
+        one shift per run of single-width characters that stays within the line; anything else
+        (a wrap, a wide or combining character) by pyte, a character at a time."""
+        shown = data.translate(self.g1_charset if self.charset else self.g0_charset)
+        i = 0
+        while i < len(data):
+            room = self.columns - self.cursor.x
+            n = 0
+            while n < room and i + n < len(data) and _single(shown[i + n]):
+                n += 1
+            if n > 1:
+                self.insert_characters(n)
+                self.mode.discard(mo.IRM)
+                try:
+                    super().draw(data[i:i + n])
+                finally:
+                    self.mode.add(mo.IRM)
+            else:
+                n = 1
+                super().draw(data[i])
+                if wcwidth(shown[i]) <= 0 and not unicodedata.combining(shown[i]):
+                    return  # pyte stops drawing at a character it cannot show
+            i += n
 
     def scroll_up(self, count: int | None = None, *_: Any) -> None:
         self._scroll(count, up=True)

@@ -126,3 +126,38 @@ def test_a_resize_keeps_what_pytes_resize_keeps(seed):
     assert screen.cells(ours) == screen.cells(theirs)
     assert {y: dict(line) for y, line in ours.buffer.items() if line} == \
         {y: dict(line) for y, line in theirs.buffer.items() if line}
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_drawing_in_insert_mode_does_what_pytes_per_character_draw_does(seed):
+    # pyte shifts the line once per character under IRM: REP's line of characters cost a line
+    # of steps each. The model shifts once per run of characters that stays within the line.
+    rng = random.Random(seed)
+    ours, stream, theirs = twins(seed)
+    stream.feed("\x1b[4h")
+    theirs.set_mode(pyte.modes.IRM)
+    if rng.random() < 0.3:
+        stream.feed("\x1b[?7l")  # no autowrap: the last column is overwritten
+        theirs.reset_mode(pyte.modes.DECAWM >> 5, private=True)
+    for _ in range(rng.randint(1, 4)):
+        x, y = rng.randint(0, 30), rng.randint(0, 11)
+        ours.cursor.x, ours.cursor.y = theirs.cursor.x, theirs.cursor.y = x, y
+        data = "".join(rng.choice(["a", "b", "xyz", " ", "中", "\u0301", "\x00", "é"])
+                       for _ in range(rng.randint(0, 40)))
+        ours.draw(data)
+        pyte.Screen.draw(theirs, data)
+        assert screen.cells(ours) == screen.cells(theirs), repr(data)
+        assert (ours.cursor.x, ours.cursor.y) == (theirs.cursor.x, theirs.cursor.y)
+
+
+def test_rep_in_insert_mode_shifts_the_line_once():
+    scr, stream = screen.new(1000, 5)
+    stream.feed("y" * 999 + "\x1b[1;1H\x1b[4hx\x1b[9999b")
+    row = lambda: "".join(c.data for c in screen.cells(scr)[0])  # noqa: E731
+    assert row() == "x" * 1000
+    calls = []
+    shift = scr.insert_characters
+    scr.insert_characters = lambda n=None: (calls.append(n), shift(n))
+    stream.feed("\x1b[1;1Hz\x1b[9999b")
+    # `z`, then 999 more in one shift; REP's last one wraps to the next line, and is pyte's.
+    assert calls == [1, 999, 1] and row() == "z" * 1000
