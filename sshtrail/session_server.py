@@ -69,8 +69,10 @@ def sshd_monitor_of(pid: int, uid: int) -> tuple[int, str | None]:
             shell = os.readlink(f"/proc/{parent}/exe")
             parent = procfs.parent(parent)
         monitor = procfs.parent(parent)
-    except (OSError, ValueError):
+    except (procfs.ProcessGone, FileNotFoundError, ProcessLookupError, ValueError):
         raise PeerRefused(f"process {pid} vanished") from None
+    except OSError as e:  # the agent's own trouble (out of descriptors, say): not the peer's
+        raise PeerRefused(f"could not read process {pid}'s parents in /proc: {e}") from None
     if not (procfs.is_sshd(parent) and procfs.is_root_sshd(monitor)):
         raise PeerRefused(f"process {pid} was not started by sshd (parent {parent}, {monitor})")
     return monitor, shell
@@ -412,8 +414,8 @@ class SessionServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             spool.start_recording(
                 sid=sid, login=login, mode=mode,
                 command=str(header.get("command", ""))[:wire.COMMAND_MAX],
-                term=str(header.get("term", ""))[:wire.TERM_MAX], cols=_int(header.get("cols"), 80),
-                rows=_int(header.get("rows"), 24), started=time.time(), wrapper_pid=pid,
+                term=str(header.get("term", ""))[:wire.TERM_MAX],
+                cols=_int(header.get("cols"), 80, 0xFFFF), rows=_int(header.get("rows"), 24, 0xFFFF), started=time.time(), wrapper_pid=pid,
                 wrapper_start=started)
             if header.get("late"):
                 spool.append(events.new("session.recording_failed", sid=sid, login=login,
@@ -431,8 +433,8 @@ class SessionServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         sid, login = session["sid"], session["login"]
         row = self.spool.recording(sid)
         now = time.time()  # the events' time and the recording's end: the same instant
-        status = header.get("exit_status")
-        status = status if isinstance(status, int) and not isinstance(status, bool) else None
+        status = header.get("exit_status")  # a wait status's: -signal, or the exit code
+        status = status if type(status) is int and -128 <= status <= 255 else None
         evs = []
         common = {"sid": sid, "login": login}
         cut = {"command_bytes": session["command_bytes"]} if "command_bytes" in session else {}
@@ -514,8 +516,12 @@ def _end_unreported(spool, row, reason: str, ended: float) -> None:
     log.warning("recording %s: %s", row["sid"], reason)
 
 
-def _int(value, default: int) -> int:
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else default
+def _int(value, default: int, most: int = (1 << 63) - 1) -> int:
+    """A count from the wrapper, or `default`: SQLite stores integers of 64 bits, and raised
+    OverflowError, which no handler expects, for a bigger one."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= most:
+        return value
+    return default
 
 
 def serve(cfg, on_session=None, strict_for=None, on_login=None) -> SessionServer:

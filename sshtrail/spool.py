@@ -431,9 +431,12 @@ class Spool:
 
     def start_recording(self, **row) -> None:
         cols = ", ".join(row)
-        with _txn(self._db, immediate=True):
-            self._db.execute(f"INSERT OR IGNORE INTO recordings ({cols}) VALUES "
-                             f"({', '.join('?' * len(row))})", tuple(row.values()))
+        try:
+            with _txn(self._db, immediate=True):
+                self._db.execute(f"INSERT OR IGNORE INTO recordings ({cols}) VALUES "
+                                 f"({', '.join('?' * len(row))})", tuple(row.values()))
+        except sqlite3.Error as e:
+            raise SpoolError(f"spool {self.path}: write failed: {e}") from None
 
     def put_chunk(self, sid: str, seq: int, frames_blob: bytes, out_bytes: int) -> bool:
         """Store one batch of frames; a retried batch (same seq) is stored once. True if new.
@@ -444,6 +447,9 @@ class Spool:
         except OSError as e:  # the chunk's file (disk full, ...): nothing of it was stored
             raise SpoolError(f"spool {self.path}: cannot write recording chunk {seq} of {sid} "
                              f"in {self.chunk_dir}: {e.strerror or e}") from None
+        except sqlite3.Error as e:  # locked past busy_timeout, or the disk: nor of it
+            raise SpoolError(f"spool {self.path}: cannot store recording chunk {seq} of {sid}: "
+                             f"{e}") from None
 
     def _put_chunk(self, sid: str, seq: int, data: bytes, out_bytes: int) -> bool:
         in_file = len(data) >= CHUNK_FILE_MIN and 0 < len(sid) <= 64 and \

@@ -248,3 +248,49 @@ def test_a_hello_from_a_peer_gone_meanwhile_is_refused(server, monkeypatch):
     with pytest.raises(PeerRefused, match=f"process {os.getpid()} ended before its hello"):
         server.handle_message(None, os.getpid(), 0, hello, b"", still_there=lambda: False)
     assert [r["sid"] for r in server.spool.recordings()] == ["s1"]  # none started for it
+
+
+def test_numbers_past_what_sqlite_stores_are_not_taken(server):
+    # SQLite stores 64-bit integers: a bigger count raised OverflowError, which no handler
+    # expected, in the middle of a session's end.
+    huge = 1 << 70
+    server.handle_message(dict(SESSION), 1, 1000, {"type": "frames", "seq": 1,
+                                                  "dropped": huge}, frames(10))
+    reply, _ = server.handle_message(dict(SESSION), 1, 1000, {
+        "type": "end", "exit_status": huge, "bytes_out": huge, "dropped_bytes": huge}, b"")
+    assert reply == {"type": "ack", "seq": "end"}
+    row = server.spool.recording("s1")
+    assert row["ended"] is not None and row["exit_status"] is None
+
+
+def test_a_spool_locked_past_its_busy_timeout_is_a_spool_error(tmp_path):
+    # What the handler answers by dropping the connection, for the wrapper to send again: an
+    # sqlite3 error instead ended the session as lost while its wrapper lived on.
+    import sqlite3
+    from sshtrail.spool import SpoolError
+    values = {k.name: k.default for k in config.DEFAULTS}
+    values.update({"agent.socket": str(tmp_path / "agent.sock"), "spool.busy_timeout": 0.1,
+                   "spool.path": str(tmp_path / "spool" / "spool.db")})
+    srv = SessionServer(config.Config(values, None))
+    try:
+        srv.spool.start_recording(sid="s1", login="alice", mode="interactive", command="",
+                                  term="xterm", cols=80, rows=24, started=0.0, wrapper_pid=1,
+                                  wrapper_start=1)
+        holder = sqlite3.connect(values["spool.path"], isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        try:
+            with pytest.raises(SpoolError, match="cannot store recording chunk 1 of s1"):
+                srv.handle_message(dict(SESSION), 1, 1000, {"type": "frames", "seq": 1},
+                                   frames(10))
+            with pytest.raises(SpoolError, match="write failed"):
+                srv.spool.start_recording(sid="s2", login="bob", mode="exec", command="",
+                                          term="", cols=80, rows=24, started=0.0,
+                                          wrapper_pid=2, wrapper_start=2)
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        reply, _ = srv.handle_message(dict(SESSION), 1, 1000, {"type": "frames", "seq": 1},
+                                      frames(10))
+        assert reply == {"type": "ack", "seq": 1}
+    finally:
+        srv.server_close()
