@@ -7,6 +7,12 @@ other end to take it, so a slow reader slows the writer exactly as a direct pipe
 direction can stall another (scp's lockstep protocol would deadlock on a relay that blocks).
 EOF is passed on when it comes: the command's stdout closing closes ours, the client's stdin
 closing closes the command's.
+
+The command runs in the wrapper's process group, and what signals that group (a shutdown, which
+signals every process of the session; sshd's signal request, which signals the group) reaches
+the command itself. The wrapper must not die of it first: its default action killed the wrapper
+on the spot, before the command's output and exit, and the session read as crashed. So the
+wrapper takes them as events, lets the command decide, and says in the end that one came.
 """
 from __future__ import annotations
 
@@ -16,9 +22,16 @@ import select
 # The C module, not socket.py: its enum wrappers cost ~5 ms of every session's start.
 from _socket import SHUT_WR, socket
 
+# The C module, not signal.py: its enum wrappers cost ~5 ms of every session's start.
+import _signal as signal
+
 from session_wrapper.program import exec_program
 
 CHUNK = 65536
+# Whose default action would end the wrapper, by name.
+TAKEN = {signal.SIGHUP: "SIGHUP", signal.SIGINT: "SIGINT", signal.SIGQUIT: "SIGQUIT",
+         signal.SIGTERM: "SIGTERM", signal.SIGUSR1: "SIGUSR1", signal.SIGUSR2: "SIGUSR2",
+         signal.SIGALRM: "SIGALRM"}
 
 
 class _Stream:
@@ -33,8 +46,10 @@ class _Stream:
         return self.eof and not self.buf
 
 
-def run(path: str, argv: list[str], env: dict, client, *, record: bool) -> tuple[int, int, int]:
-    """Run the command; returns (wait status, bytes in, bytes out)."""
+def run(path: str, argv: list[str], env: dict, client, *, record: bool
+        ) -> tuple[int, int, int, str | None]:
+    """Run the command; returns (wait status, bytes in, bytes out, the first signal the wrapper
+    was sent meanwhile)."""
     in_r, in_w = os.pipe()
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
@@ -50,6 +65,12 @@ def run(path: str, argv: list[str], env: dict, client, *, record: bool) -> tuple
         exec_program(path, argv, env)
     for fd in (in_r, out_w, err_w):
         os.close(fd)
+    sig_r, sig_w = os.pipe()
+    for fd in (sig_r, sig_w):
+        os.set_blocking(fd, False)
+    old_wakeup = signal.set_wakeup_fd(sig_w)
+    old_handlers = {s: signal.signal(s, lambda *_: None) for s in TAKEN}
+    came = None
     streams = [_Stream(0, in_w, None), _Stream(out_r, 1, b"o" if record else None),
                _Stream(err_r, 2, b"o" if record else None)]
     for s in streams:
@@ -57,7 +78,7 @@ def run(path: str, argv: list[str], env: dict, client, *, record: bool) -> tuple
         os.set_blocking(s.dst, False)
     try:
         while not all(s.done for s in streams[1:]):
-            rlist = [s.src for s in streams if not s.buf and not s.eof]
+            rlist = [s.src for s in streams if not s.buf and not s.eof] + [sig_r]
             wlist = [s.dst for s in streams if s.buf]
             if client is not None and client.sock is not None:
                 rlist.append(client.fileno())
@@ -67,6 +88,9 @@ def run(path: str, argv: list[str], env: dict, client, *, record: bool) -> tuple
                 r, w, _ = select.select(rlist, wlist, [], client.timeout() if client else None)
             except InterruptedError:
                 continue
+            if sig_r in r:
+                for number in os.read(sig_r, 512):
+                    came = came or TAKEN.get(number)
             for s in streams:
                 if s.src in r and not s.buf and not s.eof:
                     try:
@@ -102,8 +126,18 @@ def run(path: str, argv: list[str], env: dict, client, *, record: bool) -> tuple
                         os.close(fd)
                     except OSError:
                         pass
-    _, status = os.waitpid(pid, 0)
-    return status, streams[0].count, streams[1].count + streams[2].count
+    _, status = os.waitpid(pid, 0)  # the signals still taken: one now must not end us either
+    try:
+        for number in os.read(sig_r, 512):
+            came = came or TAKEN.get(number)
+    except BlockingIOError:
+        pass
+    signal.set_wakeup_fd(old_wakeup)
+    for sig, handler in old_handlers.items():
+        signal.signal(sig, handler)
+    os.close(sig_r)
+    os.close(sig_w)
+    return status, streams[0].count, streams[1].count + streams[2].count, came
 
 
 def _flush(s: _Stream) -> None:

@@ -141,10 +141,13 @@ def main(argv: list[str] | None = None) -> None:
             end["reason"] = ended_by
     else:
         from session_wrapper.passthrough import run
-        status, bytes_in, bytes_out = run(path, args, dict(os.environ),
-                                          client, record=cfg["recording.exec_output"])
+        status, bytes_in, bytes_out, came = run(path, args, dict(os.environ),
+                                                client, record=cfg["recording.exec_output"])
         end = {"exit_status": os.waitstatus_to_exitcode(status), "bytes_in": bytes_in,
                "bytes_out": bytes_out}
+        if came:
+            end["reason"] = (f"the session wrapper was sent {came} while the command ran, and "
+                             "went on until the command ended")
     if not client.finish(end, timeout=3.0):
         _report(f"session {client.sid or '(no sid)'} of {pw.pw_name}: the recorder did not "
                 f"confirm the end of the session; {client.dropped_bytes} bytes were dropped")

@@ -445,7 +445,7 @@ class SessionServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             evs.append(events.new("exec", at=now, command=row["command"], exit_status=status,
                                   bytes_in=_int(header.get("bytes_in"), 0),
                                   bytes_out=_int(header.get("bytes_out"), 0),
-                                  duration=duration, **cut, **common))
+                                  duration=duration, **cut, **why, **common))
         if row["chunks"] or row["mode"] == "interactive":
             evs.append(events.new("session.recording", at=now, size=row["bytes_out"],
                                   stored=row["stored_bytes"], duration=duration,

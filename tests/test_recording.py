@@ -344,6 +344,36 @@ def test_wrapper_cannot_be_traced_and_killing_it_ends_the_session(trail):
     assert "went away" in rec["end_reason"]
 
 
+@pytest.mark.parametrize("whom", ["wrapper", "group"])
+def test_a_signal_to_a_commands_wrapper_leaves_the_command_its_end(trail, whom):
+    # The wrapper died of the first SIGTERM (or SIGINT, with a traceback to the client), before
+    # its command's output and exit: the session read as crashed. sshd's signal request and a
+    # shutdown signal the whole group, the command too, which then decides.
+    user = trail.lab.add_user("sigx")
+    argv, env = trail.lab.ssh_argv(user, "trap 'echo got-term; exit 5' TERM; echo up; "
+                                         "for i in 1 2 3 4 5 6 7 8 9 10; do sleep 0.2; done; "
+                                         "echo done-$((6*7))")
+    client = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert client.stdout.readline() == b"up\n"
+    (wrapper,) = wrappers_of(user)
+    if whom == "wrapper":
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            os.kill(wrapper, sig)
+    else:
+        os.killpg(os.getpgid(wrapper), signal.SIGTERM)
+    out, err = client.communicate(timeout=30)
+    (ev,) = trail.wait_for(lambda e: len(e) >= 1, type="exec", user=user.login)
+    assert ev["end_reason"] == ("the session wrapper was sent SIGTERM while the command ran, "
+                                "and went on until the command ended")
+    if whom == "wrapper":  # the command was not signalled: it finished
+        assert (client.returncode, out, err) == (0, b"done-42\n", b"")
+        assert ev["exit_status"] == 0 and ev["bytes_out"] == len(b"up\ndone-42\n")
+    else:  # the command's own trap said so, and its status is its own (bash says its `sleep`
+        # was terminated, as it would without the wrapper)
+        assert (client.returncode, out) == (5, b"got-term\n") and b"Traceback" not in err
+        assert ev["exit_status"] == 5
+
+
 def test_a_command_whose_wrapper_is_killed_has_its_exec_event(trail):
     # Only an end from the wrapper wrote a command's `exec` event: killed, the command was in no
     # event at all (its recording's row alone had it).
