@@ -83,6 +83,10 @@ def _to_program(master: int, data) -> int:
 
 
 HUP, TERM = bytes([signal.SIGHUP]), bytes([signal.SIGTERM])
+# Signals to the wrapper's process group (sshd's signal request), whose default action would end
+# the wrapper (SIGINT with a traceback to the terminal): the program, in a session of its own,
+# is not in that group; the wrapper goes on relaying.
+IGNORED = (signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM)
 
 
 def _register(poller, fd: int, old: int, new: int) -> int:
@@ -121,7 +125,8 @@ def relay(path: str, argv: list[str], env: dict, client, *, record_input: bool,
         os.set_blocking(fd, False)
     old_wakeup = signal.set_wakeup_fd(sig_w)
     old_handlers = {s: signal.signal(s, lambda *_: None)
-                    for s in (signal.SIGWINCH, signal.SIGCHLD, signal.SIGHUP, signal.SIGTERM)}
+                    for s in (signal.SIGWINCH, signal.SIGCHLD, signal.SIGHUP, signal.SIGTERM,
+                              *IGNORED)}
     saved_tty = None
     try:
         saved_tty = termios.tcgetattr(0)

@@ -374,6 +374,20 @@ def test_a_signal_to_a_commands_wrapper_leaves_the_command_its_end(trail, whom):
         assert ev["exit_status"] == 5
 
 
+def test_a_signal_to_an_interactive_wrapper_other_than_a_hangup_leaves_it_relaying(trail):
+    user = shell_user(trail.lab, "sigi")
+    term = Terminal(trail.lab, user)
+    term.expect(b"READY")
+    (wrapper,) = wrappers_of(user)
+    for sig in (signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGALRM):
+        os.kill(wrapper, sig)
+    term.send("echo alive-$((6*7)); exit 4\r")
+    term.expect(b"alive-42")
+    assert term.wait() == 4 and b"Traceback" not in term.seen
+    rec = recording_of(trail, user)[0]
+    assert rec["exit_status"] == 4 and "end_reason" not in rec
+
+
 def test_a_command_whose_wrapper_is_killed_has_its_exec_event(trail):
     # Only an end from the wrapper wrote a command's `exec` event: killed, the command was in no
     # event at all (its recording's row alone had it).
