@@ -114,8 +114,19 @@ def relay(path: str, argv: list[str], env: dict, client, *, record_input: bool,
     exited HANGUP_GRACE after a hangup) and, when a signal ended the session, why. `strict`: end
     the session if the agent goes away (recording is required)."""
     cols, rows = get_winsize(0)
+    try:
+        # The client's terminal modes, which sshd set on its pty (erase ^H, say): the program's
+        # pty has them too, as it would have had sshd's. A new pty has the kernel's defaults.
+        modes = termios.tcgetattr(0)
+    except termios.error:
+        modes = None
     pid, master = os.forkpty()
     if pid == 0:
+        if modes is not None:
+            try:
+                termios.tcsetattr(0, termios.TCSANOW, modes)
+            except termios.error:
+                pass
         exec_program(path, argv, env)
     set_winsize(master, cols, rows)
     os.set_blocking(master, False)

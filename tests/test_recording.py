@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 
+import ptyprocess
 import pytest
 
 from sshtrail import asciicast, config, procfs
@@ -156,6 +157,22 @@ def test_a_program_killed_by_sigkill_ends_the_session_as_it_would_without_the_wr
     (ev,) = trail.wait_for(lambda e: len(e) >= 1, type="exec" if not tty else "session.recording",
                            user=user.login)
     assert ev["exit_status"] == -signal.SIGKILL
+
+
+def test_the_programs_terminal_has_the_clients_modes(trail):
+    # sshd sets the client's terminal modes on its pty; the wrapper's own pty had the kernel's
+    # defaults: a client whose backspace sends ^H got ^H echoed at every cooked-mode prompt.
+    user = shell_user(trail.lab, "modes")
+    argv, env = trail.lab.ssh_argv(user, "stty -a", tty=True)
+    client = ptyprocess.PtyProcess.spawn(
+        ["sh", "-c", 'stty erase ^H intr ^G; exec "$@"', "sh", *argv], env=env)
+    out = b""
+    while True:
+        try:
+            out += client.read(65536)
+        except EOFError:
+            break
+    assert b"intr = ^G;" in out and b"erase = ^H;" in out, out
 
 
 def test_a_command_and_terminal_that_are_not_utf8_work_as_without_the_wrapper(trail, tmp_path):
