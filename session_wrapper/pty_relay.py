@@ -127,6 +127,11 @@ def relay(path: str, argv: list[str], env: dict, client, *, record_input: bool,
                 termios.tcsetattr(0, termios.TCSANOW, modes)
             except termios.error:
                 pass
+        if "SSH_TTY" in env:  # the program's terminal, as sshd's SSH_TTY is: sshd's own is held
+            try:              # exclusive (hold_exclusive), and opening it fails
+                env["SSH_TTY"] = os.ttyname(0)
+            except OSError:
+                pass
         exec_program(path, argv, env)
     set_winsize(master, cols, rows)
     os.set_blocking(master, False)

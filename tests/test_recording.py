@@ -159,11 +159,12 @@ def test_a_program_killed_by_sigkill_ends_the_session_as_it_would_without_the_wr
     assert ev["exit_status"] == -signal.SIGKILL
 
 
-def test_the_programs_terminal_has_the_clients_modes(trail):
+def test_the_programs_terminal_has_the_clients_modes_and_is_ssh_tty(trail):
     # sshd sets the client's terminal modes on its pty; the wrapper's own pty had the kernel's
     # defaults: a client whose backspace sends ^H got ^H echoed at every cooked-mode prompt.
     user = shell_user(trail.lab, "modes")
-    argv, env = trail.lab.ssh_argv(user, "stty -a", tty=True)
+    argv, env = trail.lab.ssh_argv(user, 'stty -a; [ "$SSH_TTY" = "$(tty)" ] && echo same-tty',
+                                   tty=True)
     client = ptyprocess.PtyProcess.spawn(
         ["sh", "-c", 'stty erase ^H intr ^G; exec "$@"', "sh", *argv], env=env)
     out = b""
@@ -173,6 +174,7 @@ def test_the_programs_terminal_has_the_clients_modes(trail):
         except EOFError:
             break
     assert b"intr = ^G;" in out and b"erase = ^H;" in out, out
+    assert b"same-tty" in out  # SSH_TTY names it, as sshd's names its pty
 
 
 def test_a_command_and_terminal_that_are_not_utf8_work_as_without_the_wrapper(trail, tmp_path):
