@@ -22,6 +22,7 @@ import re
 from typing import IO, Any, Iterable, Iterator
 
 from .errors import SshtrailError
+from .jsontext import escape_unshown
 
 VERSION = 2
 CODES = ("o", "i", "r", "m")
@@ -58,10 +59,11 @@ def _dumps(obj: Any) -> str:
     # ensure_ascii=False is what asciinema writes (2.x: json.dumps(ensure_ascii=False,
     # separators=(", ", ": ")); 3.x: serde_json, which never \u-escapes non-ASCII): 2-3 bytes
     # per non-ASCII character instead of 6 ("\u00e9"), and text readable with grep and less.
-    # Control characters (ESC, BEL, ...) are still escaped (\u001b), as JSON requires. The text
-    # never holds lone surrogates (decoded bytes get U+FFFD; str input is checked by encoding
-    # it), so the line always encodes as UTF-8.
-    return json.dumps(obj, ensure_ascii=False, separators=(", ", ": "))
+    # Control characters (ESC, BEL, ...) are still escaped (\u001b), as JSON requires, and so
+    # are the C1 controls, bidi and invisible characters and lone surrogates (escape_unshown):
+    # `sshtrail export` writes to the auditor's terminal by default, and xterm acts on a raw
+    # U+009D as on ESC ]. The line therefore always encodes as UTF-8.
+    return escape_unshown(json.dumps(obj, ensure_ascii=False, separators=(", ", ": ")))
 
 
 class Writer:

@@ -77,10 +77,24 @@ def loads(data: bytes):
     # nothing can store or print: the agent would fail on it halfway through the message.
     if "\\u" in text:
         try:
-            _to_json(value).encode()
+            _encode_strings(value)
         except UnicodeEncodeError:
             raise ValueError("not JSON: a \\u escape of a lone surrogate") from None
     return value
+
+
+def _encode_strings(value) -> None:
+    """UnicodeEncodeError if a string of `value` (a key too) holds a lone surrogate. Not through
+    to_json, which writes one as a \\u escape."""
+    if isinstance(value, str):
+        value.encode()
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            k.encode()
+            _encode_strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            _encode_strings(v)
 
 
 def pack(header: dict, payload=b"") -> bytes:

@@ -39,13 +39,14 @@ def test_vector_full_header_and_every_code():
         timestamp=1504467315, command="/bin/bash", title="Démo",
         env={"SHELL": "/bin/bash", "TERM": "xterm-256color"})
     # Raw UTF-8 (ensure_ascii=False, as asciinema writes), control characters escaped, DEL
-    # (\x7f) left raw as JSON allows; times in fixed notation, at most 6 decimals.
+    # too (what termfilter does not show raw is never written raw); times in fixed notation,
+    # at most 6 decimals.
     expected = (
         '{"version": 2, "width": 80, "height": 24, "timestamp": 1504467315, '
         '"command": "/bin/bash", "title": "Démo", '
         '"env": {"SHELL": "/bin/bash", "TERM": "xterm-256color"}}\n'
         r'[0.248848, "o", "\u001b[1;31mHello \u001b[32mWorld!\u001b[0m\r\n"]' "\n"
-        '[1.0, "o", "café € \\"q\\" \\\\ \\u0007\\t\x7f\\r\\n"]\n'
+        '[1.0, "o", "café € \\"q\\" \\\\ \\u0007\\t\\u007f\\r\\n"]\n'
         '[1.5, "m", "chapter 1"]\n'
         '[2.0, "r", "100x30"]\n'
         r'[3.1, "i", "exit\r"]' "\n"
@@ -311,3 +312,30 @@ def test_strict_reader_accepts_what_asciinema_rec_writes(tmp_path):
     assert (header["version"], header["width"], header["height"]) == (2, 80, 24)
     # The pty turns \n into \r\n.
     assert "".join(d for _, c, d in events if c == "o") == "\x1b[31mété\x1b[0m\r\ndone\r\n"
+
+
+# What xterm and VTE act on in UTF-8 (U+009D starts an OSC, U+009B a CSI), and what hides in a
+# line (bidi override, zero-width space, line separator): written escaped, read back the same.
+HOSTILE = ["\u009d52;c;aGVsbG8=\u009c C1 OSC\r\n", "\u009b31mred \u202e reversed\r\n",
+           "zero\u200bwidth \u2028 \ufeff del\x7f\r\n"]
+
+
+def test_c1_bidi_and_invisible_characters_are_escaped_and_read_back_the_same():
+    data = _record([(0.1 * i, "o", text) for i, text in enumerate(HOSTILE)],
+                   command="vim \u009d0;pwned\u0007 x", title="al\u009b31mice s1")
+    for raw in ("\u009d", "\u009b", "\u009c", "\u202e", "\u200b", "\u2028", "\ufeff", "\x7f"):
+        assert raw.encode() not in data
+    assert b"\\u009d52;c;" in data and b"\\u202e" in data
+    header, events = read(io.BytesIO(data))
+    assert header["command"] == "vim \u009d0;pwned\u0007 x"
+    assert header["title"] == "al\u009b31mice s1"
+    assert [d for _, _, d in events] == HOSTILE
+
+
+@needs_asciinema
+def test_asciinema_cat_reads_the_escaped_characters(tmp_path):
+    path = tmp_path / "c1.cast"
+    path.write_bytes(_record([(0.1 * i, "o", text) for i, text in enumerate(HOSTILE)]))
+    result = run_on_a_tty(["asciinema", "cat", str(path)], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr.decode(errors="replace")
+    assert result.stdout == "".join(HOSTILE).encode()

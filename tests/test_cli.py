@@ -1,0 +1,85 @@
+"""The `sshtrail` command as an auditor runs it: what reaches their terminal, and how bad input
+and failures are answered (a clear message, a non-zero exit, no traceback, nothing half-written)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sshtrail import events, termfilter, wire
+from sshtrail.spool import Spool
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Recorded by a hostile user: C1 controls (xterm and VTE act on U+009D as on ESC ], on U+009B
+# as on ESC [ even in UTF-8), a bidi override, a zero-width space, a line separator.
+LOGIN = "al\u009b31mice"
+COMMAND = "vim \u009d0;pwned\u0007 x \u202e"
+OUTPUT = "\u009d52;c;aGVsbG8=\u009c C1 OSC\r\nbidi \u202e rev\u200bersed \u2028\r\n"
+
+
+def make_spool(path: Path, frames=None, sid="s1") -> Path:
+    cfg = path / "sshtrail.toml"
+    cfg.write_text(f'[spool]\npath = "{path / "spool.db"}"\n')
+    spool = Spool(path / "spool.db", server_id="h1", server_hostname="web1")
+    spool.start_recording(sid=sid, login=LOGIN, mode="interactive", command=COMMAND,
+                          term="xterm", cols=80, rows=24, started=1767225600.0,
+                          wrapper_pid=1, wrapper_start=1)
+    if frames is None:
+        frames = [(0.1, b"o", OUTPUT.encode()), (0.2, b"o", b"done\r\n")]
+    if frames:
+        spool.put_chunk(sid, 1, wire.pack_frames(frames),
+                        sum(len(f[2]) for f in frames if f[1] == b"o"))
+    spool.append(events.new("session.command", at=1767225600.5, sid=sid, login=LOGIN,
+                            path="/usr/bin/vim", argv=["vim", "\u009d0;x\u0007", "\u202e"],
+                            pid=10, ppid=9, return_code=0))
+    spool.close()
+    return cfg
+
+
+@pytest.fixture
+def spooled(tmp_path):
+    return make_spool(tmp_path)
+
+
+def sshtrail(cfg: Path, *args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sshtrail.cli", *args, "--config", str(cfg)],
+                          cwd=ROOT, capture_output=True, timeout=60, **kw)
+
+
+def assert_terminal_safe(out: bytes) -> None:
+    text = out.decode("utf-8")
+    found = termfilter._UNSHOWN.findall(text.replace("\n", ""))
+    assert not found, found
+
+
+# -- 1. nothing recorded acts on the auditor's terminal through JSON -----------------------------
+
+def test_sessions_json_escapes_c1_and_bidi(spooled):
+    r = sshtrail(spooled, "sessions", "--json")
+    assert r.returncode == 0, r.stderr
+    assert_terminal_safe(r.stdout)
+    [row] = [json.loads(line) for line in r.stdout.decode().splitlines()]
+    assert (row["login"], row["command"]) == (LOGIN, COMMAND)
+
+
+def test_events_json_escapes_c1_and_bidi(spooled):
+    r = sshtrail(spooled, "events", "--json")
+    assert r.returncode == 0, r.stderr
+    assert_terminal_safe(r.stdout)
+    [ev] = [json.loads(line) for line in r.stdout.decode().splitlines()]
+    assert ev["login"] == LOGIN and ev["argv"] == ["vim", "\u009d0;x\u0007", "\u202e"]
+
+
+@pytest.mark.parametrize("fmt", ["asciicast", "json"])
+def test_export_to_stdout_escapes_c1_and_bidi(spooled, fmt):
+    r = sshtrail(spooled, "export", "s1", "--format", fmt)
+    assert r.returncode == 0, r.stderr
+    assert_terminal_safe(r.stdout)
+    lines = [json.loads(line) for line in r.stdout.decode().splitlines()]
+    if fmt == "asciicast":
+        assert lines[0]["command"] == COMMAND
+        assert "".join(e[2] for e in lines[1:]) == OUTPUT + "done\r\n"
