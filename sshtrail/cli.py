@@ -11,6 +11,7 @@ import logging
 import os
 import re
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -238,6 +239,9 @@ def export_asciicast(spool, sid: str, out) -> None:
 
 
 def cmd_export(args, cfg) -> int:
+    if args.output not in (None, "-") and os.path.isdir(args.output):
+        raise CliError(f"--output {args.output} is a directory: name a file in it, e.g. "
+                       f"{os.path.join(args.output, args.sid + '.cast')}")
     if args.collector:
         reader = cli_remote.reader(args, cfg)
         if args.format == "json":
@@ -265,20 +269,40 @@ def cmd_export(args, cfg) -> int:
     try:
         if args.output in (None, "-"):
             write(sys.stdout.buffer)
-            return 0
-        # Written beside the target and renamed: a failed export leaves no half file.
-        tmp = f"{args.output}.part-{os.getpid()}"
-        try:
-            with open(tmp, "wb") as f:
-                write(f)
-            os.replace(tmp, args.output)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        else:
+            _write_file(args.output, write)
     finally:
         if spool is not None:
             spool.close()
     return 0
+
+
+def _write_file(path: str, write) -> None:
+    """Call write(f) on a new file beside `path`, then rename it to `path`: a failed export
+    leaves no half file. The new file gets a name no one can guess and is made with O_EXCL
+    (mkstemp): the CLI often runs as root, and a fixed name in a shared directory (/tmp) would
+    let any user plant a symlink there and have root write through it."""
+    folder = os.path.dirname(path) or "."
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.",
+                                   suffix=".part")
+    except OSError as e:
+        raise CliError(f"cannot write {path}: {folder}: {e.strerror}; check the --output "
+                       "path, or leave it out to write to stdout") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            # mkstemp made it 0600; the export gets the mode a plain open() would have given.
+            umask = os.umask(0)
+            os.umask(umask)
+            os.fchmod(f.fileno(), 0o666 & ~umask)
+            write(f)
+        try:
+            os.replace(tmp, path)
+        except OSError as e:
+            raise CliError(f"cannot write {path}: {e.strerror}") from None
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
 
 
 def _write_json_lines(evs, f) -> None:

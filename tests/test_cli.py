@@ -3,6 +3,9 @@ and failures are answered (a clear message, a non-zero exit, no traceback, nothi
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -83,3 +86,53 @@ def test_export_to_stdout_escapes_c1_and_bidi(spooled, fmt):
     if fmt == "asciicast":
         assert lines[0]["command"] == COMMAND
         assert "".join(e[2] for e in lines[1:]) == OUTPUT + "done\r\n"
+
+
+# -- export: bad input answered, nothing half-written, nothing written through a planted link --
+
+def test_export_output_is_not_written_through_a_planted_symlink(spooled, tmp_path):
+    # A shared directory: another user plants symlinks at every name the export could use
+    # beside its output, pointing at a file root must not overwrite.
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    out = shared / "s.cast"
+    proc = subprocess.Popen(["sleep", "0"])
+    proc.wait()
+    for pid in range(proc.pid, proc.pid + 300):  # the old name: OUTPUT.part-<pid>
+        (shared / f"s.cast.part-{pid}").symlink_to(victim)
+    r = sshtrail(spooled, "export", "s1", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    assert victim.read_bytes() == b"precious"
+    assert not out.is_symlink() and out.read_bytes().startswith(b'{"version": 2')
+    assert sorted(p.name for p in shared.iterdir() if not p.is_symlink()) == ["s.cast"]
+
+
+def test_export_output_replaces_a_symlink_at_its_name_not_its_target(spooled, tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    out = tmp_path / "s.cast"
+    out.symlink_to(victim)
+    r = sshtrail(spooled, "export", "s1", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    assert victim.read_bytes() == b"precious" and not out.is_symlink()
+
+
+def test_export_output_has_the_mode_of_a_plain_file(spooled, tmp_path):
+    out = tmp_path / "s.cast"
+    r = sshtrail(spooled, "export", "s1", "-o", str(out), preexec_fn=lambda: os.umask(0o027))
+    assert r.returncode == 0, r.stderr
+    assert out.stat().st_mode & 0o777 == 0o640
+
+
+@pytest.mark.parametrize("where, says", [
+    ("missing/dir/x.cast", "cannot write .*missing/dir/x.cast: .*missing/dir: No such file"),
+    ("", "is a directory: name a file in it, e.g. .*/s1.cast"),
+])
+def test_export_to_a_path_it_cannot_write_says_so(spooled, tmp_path, where, says):
+    r = sshtrail(spooled, "export", "s1", "-o", str(tmp_path / where))
+    assert r.returncode == 2
+    err = r.stderr.decode()
+    assert err.startswith("sshtrail: ") and err.count("\n") == 1 and re.search(says, err), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["spool.db", "sshtrail.toml"]
