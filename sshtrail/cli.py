@@ -246,6 +246,9 @@ def cmd_export(args, cfg) -> int:
         reader = cli_remote.reader(args, cfg)
         if args.format == "json":
             evs = reader.events(sid=args.sid, **({"host": args.host} if args.host else {}))
+            if not evs:
+                raise CliError(f"no session {args.sid!r} on the collector (no events of it); "
+                               "`sshtrail sessions --collector URL` lists them")
             write = lambda f: _write_json_lines(evs, f)  # noqa: E731
         else:
             data = reader.recording(args.sid, args.host)
@@ -254,7 +257,12 @@ def cmd_export(args, cfg) -> int:
     else:
         spool = _open_spool(cfg)
         if args.format == "json":
-            write = lambda f: _write_json_lines(spool.query(sid=args.sid), f)  # noqa: E731
+            evs = spool.query(sid=args.sid)
+            if not evs and spool.recording(args.sid) is None:
+                spool.close()
+                raise CliError(f"no session {args.sid!r} in the spool; `sshtrail sessions` "
+                               "lists them")
+            write = lambda f: _write_json_lines(evs, f)  # noqa: E731
         else:
             write = lambda f: export_asciicast(spool, args.sid, f)  # noqa: E731
     if args.format == "text":

@@ -136,3 +136,10 @@ def test_export_to_a_path_it_cannot_write_says_so(spooled, tmp_path, where, says
     err = r.stderr.decode()
     assert err.startswith("sshtrail: ") and err.count("\n") == 1 and re.search(says, err), err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["spool.db", "sshtrail.toml"]
+
+
+def test_export_of_a_session_that_does_not_exist_says_so_in_every_format(spooled):
+    for fmt in ("asciicast", "text", "json"):
+        r = sshtrail(spooled, "export", "NOSUCH", "--format", fmt)
+        assert (r.returncode, r.stdout) == (2, b""), fmt
+        assert b"'NOSUCH'" in r.stderr and b"`sshtrail sessions`" in r.stderr, fmt
