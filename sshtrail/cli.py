@@ -10,6 +10,8 @@ import errno
 import logging
 import os
 import re
+import select
+import signal
 import sys
 import tempfile
 import time
@@ -403,13 +405,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _stdout_gone() -> bool:
+    """Whether stdout is a pipe or socket with no one left to read it (poll says POLLERR)."""
+    try:
+        poll = select.poll()
+        poll.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & (select.POLLERR | select.POLLHUP) for _, ev in poll.poll(0))
+    except (OSError, ValueError):
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         cfg = config.load(args.config)
-        return args.func(args, cfg)
+        rc = args.func(args, cfg)
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at the interpreter's exit
+        return rc
+    except BrokenPipeError:
+        if not _stdout_gone():
+            raise  # some other pipe or socket: a bug, keep its traceback
+        # The reader of stdout went away (`sshtrail export SID | head`): stop quietly, with the
+        # status of a tool killed by SIGPIPE. Python would flush stdout again at its exit and
+        # print that it failed: point it at /dev/null.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except (CliError, config.ConfigError) as e:
         print(f"sshtrail: {e}", file=sys.stderr)
         return 2

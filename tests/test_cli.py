@@ -138,6 +138,19 @@ def test_export_to_a_path_it_cannot_write_says_so(spooled, tmp_path, where, says
     assert sorted(p.name for p in tmp_path.iterdir()) == ["spool.db", "sshtrail.toml"]
 
 
+def test_export_into_a_closed_pipe_stops_quietly(tmp_path):
+    # `sshtrail export SID | head -c100`: more than a pipe holds, and the reader goes away.
+    cfg = make_spool(tmp_path, frames=[(i / 10, b"o", b"x" * 60000 + b"\r\n")
+                                       for i in range(40)])
+    proc = subprocess.Popen([sys.executable, "-m", "sshtrail.cli", "export", "s1",
+                             "--config", str(cfg)], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    assert proc.stdout.read(100).startswith(b'{"version": 2')
+    proc.stdout.close()
+    assert proc.wait(timeout=60) == 128 + signal.SIGPIPE  # as a tool SIGPIPE killed
+    assert proc.stderr.read() == b""
+
+
 def test_export_of_a_session_that_does_not_exist_says_so_in_every_format(spooled):
     for fmt in ("asciicast", "text", "json"):
         r = sshtrail(spooled, "export", "NOSUCH", "--format", fmt)
