@@ -506,7 +506,7 @@ class Spool:
 
     def frames(self, sid: str):
         """The recording's frames in order: (t, kind, data)."""
-        from .wire import unpack_frames
+        from .wire import ProtocolError, unpack_frames
         for seq, data, size in self._db.execute(
                 "SELECT seq, data, size FROM recording_chunks WHERE sid = ? ORDER BY seq",
                 (sid,)).fetchall():
@@ -515,7 +515,15 @@ class Spool:
                 raise SpoolError(f"recording {sid}: chunk {seq}'s file "
                                  f"{self._chunk_path(sid, seq)} is gone; the recording cannot "
                                  "be read whole from this spool (the collector may have it)")
-            yield from unpack_frames(data)
+            try:
+                frames = unpack_frames(data)
+            except ProtocolError as e:
+                # Checked when it was stored: cut or changed on disk since.
+                where = self._chunk_path(sid, seq) if size is not None else "in the database"
+                raise SpoolError(f"recording {sid}: chunk {seq} ({where}) is damaged: {e}; the "
+                                 "recording cannot be read whole from this spool (the "
+                                 "collector may have it)") from None
+            yield from frames
 
     # -- chunk files -------------------------------------------------------------------------
 

@@ -245,6 +245,21 @@ def test_chunk_bytes_go_in_a_file_of_their_own(tmp_path):
         list(s.frames(sid))
 
 
+def test_a_damaged_chunk_is_a_spool_error_naming_the_recording_and_the_chunk(tmp_path):
+    # A chunk file cut short on disk (a full disk, a crash, a hand): wire.ProtocolError is no
+    # SshtrailError, so the CLI showed a traceback.
+    s = spool(tmp_path)
+    recording(s, "r1")
+    s.put_chunk("r1", 1, frames_blob(b"ls\r\n"), 4)
+    s.put_chunk("r1", 2, frames_blob(BIG), len(BIG))
+    path = os.path.join(s.chunk_dir, "r1.2")
+    with open(path, "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(SpoolError, match=f"recording r1: chunk 2 \\({path}\\) is damaged: "
+                                         "frame at byte 0 claims"):
+        list(s.frames("r1"))
+
+
 def test_small_chunks_stay_in_their_rows(tmp_path):
     # An interactive session's batches: a few bytes every batch_ms. A file each would be an
     # inode, a create and an unlink per keystroke.
