@@ -44,6 +44,7 @@ FRAME = struct.Struct(">dcI")
 FRAME_LENGTH, FRAME_LENGTH_AT = struct.Struct(">I"), 9
 KINDS = (b"o", b"i", b"r")
 _RECV_ROOM = 1 << 16  # least free space offered to each receive
+_INF = float("inf")
 
 
 class ProtocolError(ValueError):
@@ -195,7 +196,7 @@ def _frames(blob):
             raise ProtocolError(f"unknown frame kind {kind!r} at byte {i}")
         if size > n - i - size_:
             raise ProtocolError(f"frame at byte {i} claims {size} bytes, {n - i - size_} left")
-        if t != t or t < 0:  # NaN or negative
+        if not 0.0 <= t < _INF:  # negative, infinite or NaN (false to every comparison)
             raise ProtocolError(f"frame at byte {i} has time {t}")
         yield t, kind, i + size_, i + size_ + size
         i += size_ + size

@@ -156,3 +156,21 @@ def test_export_of_a_session_that_does_not_exist_says_so_in_every_format(spooled
         r = sshtrail(spooled, "export", "NOSUCH", "--format", fmt)
         assert (r.returncode, r.stdout) == (2, b""), fmt
         assert b"'NOSUCH'" in r.stderr and b"`sshtrail sessions`" in r.stderr, fmt
+
+
+@pytest.mark.parametrize("damage", ["cut", "inf"])
+def test_export_of_a_damaged_recording_says_which_chunk_and_leaves_no_file(tmp_path, damage):
+    if damage == "cut":  # a chunk file cut short on disk
+        cfg = make_spool(tmp_path, frames=[(0.1, b"o", b"x" * 70000)])
+        [chunk] = (tmp_path / "spool.db.chunks").iterdir()
+        with open(chunk, "r+b") as f:
+            f.truncate(1000)
+    else:  # a time no asciicast can hold
+        cfg = make_spool(tmp_path, frames=[(0.1, b"o", b"hi\r\n"), (float("inf"), b"o", b"x")])
+    out = tmp_path / "out" / "s.cast"
+    out.parent.mkdir()
+    r = sshtrail(cfg, "export", "s1", "-o", str(out))
+    err = r.stderr.decode()
+    assert r.returncode == 1 and err.count("\n") == 1, err
+    assert err.startswith("sshtrail: recording s1: chunk 1 ") and "damaged" in err, err
+    assert list(out.parent.iterdir()) == []

@@ -86,6 +86,10 @@ def test_frames_vector_and_round_trip():
     (b"\x00" * 8 + b"x" + b"\x00\x00\x00\x00", "unknown frame kind"),
     (b"\x00" * 8 + b"o" + b"\x00\x00\x00\x09abc", "claims 9 bytes, 3 left"),
     (b"\xbf\xf0" + b"\x00" * 6 + b"o" + b"\x00" * 4, "has time -1.0"),
+    # Not finite: no export can write it (asciicast times are finite), no player reach it.
+    (wire.FRAME.pack(float("inf"), b"o", 0), "has time inf"),
+    (wire.FRAME.pack(float("-inf"), b"o", 0), "has time -inf"),
+    (wire.FRAME.pack(float("nan"), b"o", 0), "has time nan"),
 ])
 def test_bad_frames(blob, message):
     with pytest.raises(wire.ProtocolError, match=message):
