@@ -47,6 +47,14 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _is_finite(value: Any) -> bool:
+    # json reads 1e400 as inf, and 1 followed by 400 zeros as an int no float holds.
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def _format_time(us: int) -> str:
     # Microseconds as an integer, printed in fixed notation with trailing zeros cut (as the
     # asciinema 3 recorder does): never an exponent ("1e-06", which repr() gives), at most six
@@ -226,6 +234,8 @@ def _check_header(header: Any) -> None:
         value = header.get(key)
         if value is not None and not _is_number(value):
             raise fail(f"{key} must be a number, got {value!r}")
+        if value is not None and not _is_finite(value):
+            raise fail(f"{key} is out of range (not a finite number)")
     for key in ("command", "title"):
         value = header.get(key)
         if value is not None and not isinstance(value, str):
@@ -261,6 +271,8 @@ def _check_event(event: Any, lineno: int, prev_time: float) -> Event:
     t, code, data = event
     if not _is_number(t):
         raise fail(f"time must be a number, got {_json_type(t)} {t!r}")
+    if not _is_finite(t):
+        raise fail("time is out of range (not a finite number)")
     if t < 0:
         raise fail(f"time {t} is negative")
     if t < prev_time:
