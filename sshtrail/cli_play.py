@@ -87,11 +87,15 @@ def fetch(args, cfg):
 
 def cmd_play(args, cfg) -> int:
     from sshtrail import player
+    if not 0.25 <= args.speed <= 16:
+        raise SshtrailError(f"--speed {args.speed:g}: use 0.25 to 16")
+    if args.idle_limit is not None and not args.idle_limit > 0:  # NaN too
+        # 0 or less would play the whole recording at once, or (negative) never reach its end.
+        raise SshtrailError(f"--idle-limit {args.idle_limit:g}: use a number of seconds above "
+                            "0, e.g. --idle-limit 2")
     if not (os.isatty(0) and os.isatty(1)):
         raise SshtrailError("play needs a terminal on stdin and stdout; to save a session, "
                             "use `sshtrail export SID --format asciicast|text`")
-    if not 0.25 <= args.speed <= 16:
-        raise SshtrailError(f"--speed {args.speed:g}: use 0.25 to 16")
     rec = fetch(args, cfg)
     size = shutil.get_terminal_size((0, 0))
     cols, rows = size.columns or rec.width, size.lines or rec.height

@@ -87,9 +87,11 @@ def load(data: bytes | IO[bytes] | Iterable[bytes], *, user: str | None = None,
                 argv = ev.get("argv") or [ev.get("path", "?")]
                 commands.append((at, " ".join(str(a) for a in argv)))
         commands.sort()
+    # The file's own limit, unless it is 0 or less: a negative one would make every gap take
+    # away play time, so that the player would show nothing and never end.
     limit = header.get("idle_time_limit")
-    return Recording(header["width"], header["height"], out, user, host, start, commands,
-                     float(limit) if limit else None)
+    limit = float(limit) if limit is not None and limit > 0 else None
+    return Recording(header["width"], header["height"], out, user, host, start, commands, limit)
 
 
 # -- the timeline ---------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import os
 import random
 import re
 import signal
+import subprocess
 import sys
 import termios
 import time
@@ -273,6 +274,29 @@ def test_idle_limit_caps_gaps_and_at_offsets_map_onto_it():
     assert player.parse_offset("2026-01-01T00:01:00Z", 1767225600.0) == 60
     with pytest.raises(player.PlayError):
         player.parse_offset("soon", None)
+
+
+@pytest.mark.parametrize("limit", [-3, 0, -0.5])
+def test_a_files_idle_limit_of_zero_or_less_is_ignored(limit):
+    # Negative, it made every gap take away play time: the player showed nothing, never ended.
+    rec = player.load(b'{"version": 2, "width": 80, "height": 24, "idle_time_limit": %s}\n'
+                      b'[1.0, "o", "a"]\n[5.0, "o", "b"]\n' % str(limit).encode())
+    assert rec.idle_time_limit is None
+    p = player.Player(rec, io.BytesIO(), status=False)
+    assert p.duration == pytest.approx(5) and [f.t for f in p.frames] == [1.0, 5.0]
+    rec = player.load(b'{"version": 2, "width": 80, "height": 24, "idle_time_limit": 1.5}\n')
+    assert rec.idle_time_limit == 1.5
+
+
+@pytest.mark.parametrize("limit", ["-1", "0", "nan"])
+def test_cli_refuses_an_idle_limit_of_zero_or_less(tmp_path, limit):
+    cast = write_cast(tmp_path / "s.cast", [(1.0, "a"), (5.0, "b")])
+    r = subprocess.run([sys.executable, "-m", "sshtrail.cli", "play", str(cast), "--idle-limit",
+                        limit, "--config", str(EMPTY_CONFIG)], cwd=ROOT, capture_output=True,
+                       timeout=60)
+    assert r.returncode == 1 and r.stdout == b""
+    assert r.stderr.decode() == (f"sshtrail: --idle-limit {float(limit):g}: use a number of "
+                                 "seconds above 0, e.g. --idle-limit 2\n")
 
 
 def test_status_line_shows_user_host_start_and_commands():
