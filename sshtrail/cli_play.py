@@ -37,7 +37,8 @@ def add_parsers(sub, add, common) -> None:
     sp = add("play", cmd_play, "replay a recorded session in this terminal")
     sp.epilog, sp.formatter_class = EXAMPLES, argparse.RawDescriptionHelpFormatter
     sp.add_argument("session", metavar="SID|FILE",
-                    help="a session id (spool, or --collector), or an asciicast file")
+                    help="a session id (spool, or --collector), or an asciicast file "
+                         "(a path with a /, or a name ending in .cast)")
     sp.add_argument("--speed", type=float, default=1.0, help="0.25 to 16 (default 1)")
     sp.add_argument("--idle-limit", type=float, metavar="SECONDS",
                     help="play idle gaps longer than this as this long")
@@ -60,7 +61,9 @@ def fetch(args, cfg):
     """The recording, from a file, the collector or the spool, as player.Recording."""
     from sshtrail import player
     target = args.session
-    if os.path.isfile(target) or target.endswith(".cast"):
+    # A file only when it says so: a name alone is a session id, or a file dropped in the
+    # auditor's working directory under a session's id would be played in its place.
+    if "/" in target or target.endswith(".cast"):
         try:
             with open(target, "rb") as f:
                 return player.load(f)
@@ -75,6 +78,9 @@ def fetch(args, cfg):
     spool = _open_spool(cfg)
     try:
         rec = spool.recording(target)
+        if rec is None and os.path.isfile(target):
+            raise SshtrailError(f"no recording {target!r} in the spool; to play the file of "
+                                f"that name, say ./{target}")
         buf = io.BytesIO()
         export_asciicast(spool, target, buf)
         evs = spool.query(sid=target)

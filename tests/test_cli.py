@@ -174,3 +174,25 @@ def test_export_of_a_damaged_recording_says_which_chunk_and_leaves_no_file(tmp_p
     assert r.returncode == 1 and err.count("\n") == 1, err
     assert err.startswith("sshtrail: recording s1: chunk 1 ") and "damaged" in err, err
     assert list(out.parent.iterdir()) == []
+
+
+def test_play_takes_a_name_alone_as_a_session_id_not_a_file_of_that_name(tmp_path, monkeypatch):
+    # A file dropped in the auditor's working directory under a session's id was played in the
+    # session's place.
+    import argparse
+    from sshtrail import cli_play, config
+    cfg_path = make_spool(tmp_path)
+    (tmp_path / "s1").write_bytes(b'{"version": 2, "width": 80, "height": 24}\n'
+                                  b'[0.1, "o", "forged"]\n')
+    monkeypatch.chdir(tmp_path)
+    cfg = config.load(str(cfg_path))
+    args = argparse.Namespace(session="s1", collector=None, host=None)
+    shown = "".join(d for _, _, d in cli_play.fetch(args, cfg).events)
+    assert "done" in shown and "forged" not in shown
+    forged = "".join(d for _, _, d in cli_play.fetch(
+        argparse.Namespace(session="./s1", collector=None, host=None), cfg).events)
+    assert "forged" in forged
+    (tmp_path / "other").write_bytes(b"")
+    with pytest.raises(Exception, match=r"no recording 'other' in the spool; to play the file "
+                                        r"of that name, say \./other"):
+        cli_play.fetch(argparse.Namespace(session="other", collector=None, host=None), cfg)
