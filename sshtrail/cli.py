@@ -203,23 +203,31 @@ def cmd_sessions(args, cfg) -> int:
             print(events.to_json(_session_summary(r)))
         return 0
     table = [("SID", "USER", "MODE", "START", "DURATION", "OUTPUT", "COMMAND / END")]
+    partial = False
     for r in rows:
         s = _session_summary(r)
+        mark = "*" if s.get("missing") else ""
+        partial = partial or bool(mark)
         table.append((s["sid"], s["login"], s["mode"], s["start"][:19].replace("T", " "),
                       f"{s['duration']:.1f}s" if s["duration"] is not None else "running",
-                      f"{s['bytes_out']}B", s["command"] or s["end_reason"] or ""))
+                      f"{s['bytes_out']}B{mark}", s["command"] or s["end_reason"] or ""))
     print(_columns(table))
+    if partial:
+        print("* not whole in this spool (pruned after delivery, or dropped): "
+              "`sshtrail export SID` says what is missing")
     return 0
 
 
 def _session_summary(r: dict) -> dict:
     g = r.get
+    missing = _missing(r, r["held"]) if "held" in r else None  # the spool's rows only
     return {"sid": r["sid"], "login": r["login"], "mode": g("mode"), "command": g("command"),
             "start": events.format_time(r["started"]),
             "duration": round(r["ended"] - r["started"], 3) if g("ended") else None,
             "bytes_out": g("bytes_out", 0), "stored_bytes": g("stored_bytes", 0),
             "exit_status": g("exit_status"), "end_reason": g("end_reason"),
             "size": f"{g('cols')}x{g('rows')}",
+            **({"missing": missing} if missing else {}),
             **({"server_id": r["server_id"]} if "server_id" in r else {})}
 
 
@@ -232,12 +240,31 @@ def _open_spool(cfg):
 
 
 def export_asciicast(spool, sid: str, out) -> None:
-    """Write a recording from the spool as asciicast v2 to a binary file object."""
+    """Write a recording from the spool as asciicast v2 to a binary file object; say on stderr
+    what of it the spool lacks."""
     from sshtrail import asciicast
     rec = spool.recording(sid)
     if rec is None:
         raise CliError(f"no recording {sid!r} in the spool; `sshtrail sessions` lists them")
+    missing = _missing(rec, spool.chunks_held(sid))
+    if missing:
+        _note(f"recording {sid} is not whole in this spool: {missing}")
     asciicast.write_session(out, rec, spool.frames(sid))
+
+
+def _missing(rec: dict, held: int) -> str | None:
+    """What a recording in the spool lacks, said for an auditor, or None. A chunk delivered to
+    the collector is pruned when the spool needs room: an export from here would start (or
+    stop) mid-session without a word."""
+    said = []
+    pruned = (rec.get("chunks") or 0) - held
+    if pruned:
+        said.append(f"{pruned} of its {rec['chunks']} chunks of output were delivered to the "
+                    "collector and pruned here (`--collector URL` has them)")
+    if rec.get("dropped_bytes"):
+        said.append(f"{rec['dropped_bytes']} bytes of its output were never recorded (the "
+                    "spool was full; its session.recording_failed events say so)")
+    return "; ".join(said) or None
 
 
 def cmd_export(args, cfg) -> int:

@@ -491,9 +491,16 @@ class Spool:
         return dict(zip([c[0] for c in cur.description], row)) if row else None
 
     def recordings(self) -> list[dict]:
-        cur = self._db.execute("SELECT * FROM recordings ORDER BY started")
+        """Every recording's row, and how many of its chunks the spool still holds (`held`:
+        delivered ones are pruned when room is needed)."""
+        cur = self._db.execute("SELECT *, (SELECT count(*) FROM recording_chunks c WHERE c.sid "
+                               "= r.sid) AS held FROM recordings r ORDER BY started")
         names = [c[0] for c in cur.description]
         return [dict(zip(names, row)) for row in cur.fetchall()]
+
+    def chunks_held(self, sid: str) -> int:
+        return self._db.execute("SELECT count(*) FROM recording_chunks WHERE sid = ?",
+                                (sid,)).fetchone()[0]
 
     def last_frame_time(self, sid: str) -> float | None:
         """Seconds from the start of the recording to its last frame (None: no frames)."""

@@ -196,3 +196,27 @@ def test_play_takes_a_name_alone_as_a_session_id_not_a_file_of_that_name(tmp_pat
     with pytest.raises(Exception, match=r"no recording 'other' in the spool; to play the file "
                                         r"of that name, say \./other"):
         cli_play.fetch(argparse.Namespace(session="other", collector=None, host=None), cfg)
+
+
+def test_a_recording_the_spool_no_longer_holds_whole_is_said_to_be_so(tmp_path):
+    # Delivered chunks are pruned when the spool needs room, and output past a full spool is
+    # dropped: an export from the spool then started mid-session without a word.
+    cfg = make_spool(tmp_path, frames=[])
+    spool = Spool(tmp_path / "spool.db", server_id="h1")
+    for seq in (1, 2, 3):
+        spool.put_chunk("s1", seq, wire.pack_frames([(seq, b"o", f"part{seq}\r\n".encode())]), 7)
+    spool.mark_chunk_sent("s1", 1)
+    spool.db.execute("DELETE FROM recording_chunks WHERE sid = 's1' AND seq = 1")
+    spool.db.execute("UPDATE recordings SET dropped_bytes = 500 WHERE sid = 's1'")
+    spool.close()
+    r = sshtrail(cfg, "export", "s1")
+    assert r.returncode == 0 and b"part1" not in r.stdout and b"part2" in r.stdout
+    assert r.stderr.decode() == (
+        "sshtrail: recording s1 is not whole in this spool: 1 of its 3 chunks of output were "
+        "delivered to the collector and pruned here (`--collector URL` has them); 500 bytes of "
+        "its output were never recorded (the spool was full; its session.recording_failed "
+        "events say so)\n")
+    r = sshtrail(cfg, "sessions")
+    assert b"21B*" in r.stdout and b"* not whole in this spool" in r.stdout
+    (row,) = [json.loads(line) for line in sshtrail(cfg, "sessions", "--json").stdout.splitlines()]
+    assert row["missing"].startswith("1 of its 3 chunks")
