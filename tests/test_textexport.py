@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import random
 import shutil
 import subprocess
 import sys
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from sshtrail import asciicast, events, textexport, wire
+from sshtrail import asciicast, events, screen, textexport, wire
 from sshtrail.spool import Spool
 from ttyrun import run_on_a_tty
 
@@ -74,6 +75,92 @@ def test_split_sequences_and_wrapped_lines():
 def test_alternate_screen_still_up_at_the_end_is_included():
     lines = text_of([(0.1, "$ top\r\n"), (0.2, f"{E}[?1049h{E}[H{E}[2JPID USER"), (3.0, "")])
     assert lines == ["--- screen at 00:00 ---", "PID USER", "$ top"]
+
+
+# -- the same text as the export's first way of reading the screen -------------------------------
+
+def _old_row_text(line, columns: int) -> str:
+    return "".join(line[x].data for x in range(columns)).rstrip()
+
+
+class OldTranscriptScreen(textexport._TranscriptScreen):
+    """The text export as first written: every column of a row read, SU as one index per line.
+    Slow on hostile output (a review found it quadratic), and the reference for what the export
+    writes: the faster way must write the same text for any recording."""
+
+    def rows(self) -> list[str]:
+        rows = [_old_row_text(self.buffer[y], self.columns) if y in self.buffer else ""
+                for y in range(self.lines)]
+        while rows and not rows[-1]:
+            rows.pop()
+        return rows
+
+    def index(self) -> None:
+        bottom = self.margins.bottom if self.margins is not None else self.lines - 1
+        if self.cursor.y == bottom and self._scrolls_off():
+            self.emit(_old_row_text(self.buffer[0], self.columns) if 0 in self.buffer else "")
+        screen.Screen.index(self)
+
+    def scroll_up(self, count=None, *args) -> None:
+        if self._scrolls_off():
+            bottom = self.margins.bottom if self.margins is not None else self.lines - 1
+            for y in range(min(count or 1, bottom + 1)):
+                self.emit(_old_row_text(self.buffer[y], self.columns) if y in self.buffer else "")
+            x, cy = self.cursor.x, self.cursor.y
+            for _ in range(min(count or 1, bottom + 1)):
+                self.cursor.y = bottom
+                screen.Screen.index(self)
+            self.cursor.x, self.cursor.y = x, cy
+            return
+        screen.Screen.scroll_up(self, count)
+
+
+def random_output(rng: random.Random, width: int, height: int) -> str:
+    """Output of a session that does a bit of everything the export treats apart: colours and
+    erases in them, scroll regions and SU/SD, the alternate screens, wide and combining
+    characters, insert mode, wrapping, resets."""
+    def n():
+        return rng.choice(["", "0", "1", "2", "3", str(height), str(height + 1), "9999"])
+    pieces = [
+        lambda: "".join(rng.choice("ab yz  ") for _ in range(rng.randint(1, 2 * width))),
+        lambda: rng.choice(["漢字", "e\u0301", "\U0001f600", "\u00e9", "\t", "\b", "\x0e#\x0f"]),
+        lambda: rng.choice(["\r\n", "\n", "\r", "\x1bD", "\x1bE", "\x1bM"]) * rng.randint(1, 3),
+        lambda: rng.choice(["\x1b[31m", "\x1b[44m", "\x1b[0m", "\x1b[7m", "\x1b[48;5;200m"]),
+        lambda: f"\x1b[{rng.randint(0, height + 1)};{rng.randint(0, width + 1)}H",
+        lambda: f"\x1b[{n()}{rng.choice('ABCDdG')}",
+        lambda: f"\x1b[{rng.choice(['', '0', '1', '2', '3'])}J",
+        lambda: f"\x1b[{rng.choice(['', '0', '1', '2'])}K",
+        lambda: f"\x1b[{n()}{rng.choice('SSSTLMX@Pb')}",
+        lambda: f"\x1b[{rng.randint(0, height)};{rng.randint(0, height + 1)}r",
+        lambda: "\x1b[r",
+        lambda: f"\x1b[?{rng.choice(['47', '1047', '1048', '1049'])}{rng.choice('hl')}",
+        lambda: f"\x1b[{rng.choice(['4', '?6', '?7'])}{rng.choice('hl')}",
+        lambda: rng.choice(["\x1bc", "\x1b#8", "\x1b7", "\x1b8", "\x1b(0", "\x1b(B"]),
+    ]
+    return "".join(rng.choice(pieces)() for _ in range(rng.randint(1, 200)))
+
+
+def random_recording(seed: int):
+    rng = random.Random(seed)
+    width, height = rng.randint(1, 30), rng.randint(1, 12)
+    recording, t = [], 0.0
+    for _ in range(rng.randint(1, 8)):
+        t += rng.choice([0.1, 1.0, 70.0])
+        if rng.random() < 0.15:
+            recording.append((t, "r", f"{rng.randint(1, 30)}x{rng.randint(1, 12)}"))
+            continue
+        data = random_output(rng, width, height)
+        cut = rng.randint(0, len(data))  # a sequence may be cut across frames
+        recording += [(t, "o", data[:cut]), (t, "o", data[cut:])]
+    return width, height, recording
+
+
+@pytest.mark.parametrize("seed", range(300))
+def test_the_text_is_what_reading_every_column_made_it(seed, monkeypatch):
+    width, height, recording = random_recording(seed)
+    text = list(textexport.transcript(width, height, recording))
+    monkeypatch.setattr(textexport, "_TranscriptScreen", OldTranscriptScreen)
+    assert text == list(textexport.transcript(width, height, recording))
 
 
 # -- through the CLI, from a spool ------------------------------------------------------------
