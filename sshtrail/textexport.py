@@ -32,7 +32,19 @@ def _clock(t: float) -> str:
 
 
 def _row_text(line, columns: int) -> str:
-    return "".join(line[x].data for x in range(columns)).rstrip()
+    """The row's characters, trailing blanks cut, from the cells the line holds: a line erased
+    in colour holds none, yet reading its every column made each later erase cost the whole
+    screen (`CSI 44m CSI 2J`, then `CSI 2J` over and over)."""
+    blank = line.default.data  # what a column the line does not hold reads as
+    if blank.strip():  # no line of the model's has such a blank: it would show in every column
+        return "".join(line[x].data for x in range(columns)).rstrip()
+    if not line:
+        return ""
+    held = sorted(x for x in line if 0 <= x < columns)
+    text = [blank] * (held[-1] + 1 if held else 0)
+    for x in held:
+        text[x] = line[x].data
+    return "".join(text).rstrip()
 
 
 class _TranscriptScreen(screen.Screen):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from sshtrail import asciicast, events, screen, textexport, wire
+from sshtrail import asciicast, events, screen, termfilter, textexport, wire
 from sshtrail.spool import Spool
 from ttyrun import run_on_a_tty
 
@@ -161,6 +161,54 @@ def test_the_text_is_what_reading_every_column_made_it(seed, monkeypatch):
     text = list(textexport.transcript(width, height, recording))
     monkeypatch.setattr(textexport, "_TranscriptScreen", OldTranscriptScreen)
     assert text == list(textexport.transcript(width, height, recording))
+
+
+# -- what it costs on output made to cost the most -------------------------------------------
+
+def steps(run) -> int:
+    """Python calls and lines that run() goes through: work counted the same on any machine, for
+    a bound no timing could keep in a test."""
+    count = 0
+
+    def trace(frame, event, arg):
+        nonlocal count
+        count += 1
+        return trace
+
+    before = sys.gettrace()
+    sys.settrace(trace)
+    try:
+        run()
+    finally:
+        sys.settrace(before)
+    return count
+
+
+HOSTILE = {  # what comes once, then the unit repeated (as in bench/replay)
+    "erase display": ("", "x\x1b[2J"),
+    "erase display in colour": ("", "\x1b[44mx\x1b[2J"),
+    "erase display after one in colour": ("\x1b[44m\x1b[2J", "\x1b[2J"),
+    "alternate screen": ("", "x\x1b[?1049hy\x1b[?1049l"),
+    "REP 9999": ("", "x\x1b[9999b"),
+}
+
+
+@pytest.mark.parametrize("size", [(80, 24), (250, 80)], ids=["80x24", "250x80"])
+@pytest.mark.parametrize("name", HOSTILE)
+def test_the_export_costs_a_few_times_what_the_screen_model_costs(name, size):
+    """On top of the screen model, the export reads out what leaves the screen: at most a few
+    times the model's own work, at any size. It read every column of every held line on each
+    erase (35x the model at 80x24, 178x at 250x80, after one erase in colour)."""
+    setup, unit = HOSTILE[name]
+
+    def work(scr, stream) -> int:
+        filt = termfilter.TermFilter()
+        stream.feed(filt.feed(setup))
+        return steps(lambda: stream.feed(filt.feed(unit * 30)))
+
+    model = work(*screen.new(*size))
+    scr = textexport._TranscriptScreen(*size, [].append)
+    assert work(scr, screen.Stream(scr)) < 8 * model
 
 
 # -- through the CLI, from a spool ------------------------------------------------------------
