@@ -22,6 +22,8 @@ from __future__ import annotations
 import io
 from typing import IO, Iterable, Iterator
 
+from pyte.screens import StaticDefaultDict
+
 from . import asciicast, screen, termfilter
 
 
@@ -82,17 +84,21 @@ class _TranscriptScreen(screen.Screen):
         super().index()
 
     def scroll_up(self, count=None, *args) -> None:
-        if self._scrolls_off():
-            bottom = self.margins.bottom if self.margins is not None else self.lines - 1
-            for y in range(min(count or 1, bottom + 1)):
-                self.emit(_row_text(self.buffer[y], self.columns) if y in self.buffer else "")
-            x, cy = self.cursor.x, self.cursor.y
-            for _ in range(min(count or 1, bottom + 1)):
-                self.cursor.y = bottom
-                screen.Screen.index(self)  # already emitted
-            self.cursor.x, self.cursor.y = x, cy
+        if not self._scrolls_off():
+            super().scroll_up(count)
             return
+        bottom = self.margins.bottom if self.margins is not None else self.lines - 1
+        for y in range(min(count or 1, bottom + 1)):
+            self.emit(_row_text(self.buffer[y], self.columns) if y in self.buffer else "")
+        # The model's one move of the lines: an index per line cost lines x lines for
+        # `CSI 9999 S`. But the indexes left every line above the bottom held, if empty, and
+        # pyte's delete-lines leaves a line in place when the one to move in is not held
+        # (`A CSI H CSI M` keeps the A): hold them as the indexes did, so the text is the same.
         super().scroll_up(count)
+        blank = self.default_char
+        for y in range(bottom):
+            if y not in self.buffer:
+                self.buffer[y] = StaticDefaultDict(blank)
 
     def erase_in_display(self, how: int = 0, *args, **kwargs) -> None:
         if how in (2, 3) or (how == 0 and self.cursor.x == 0 and self.cursor.y == 0):

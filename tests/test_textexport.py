@@ -77,6 +77,13 @@ def test_alternate_screen_still_up_at_the_end_is_included():
     assert lines == ["--- screen at 00:00 ---", "PID USER", "$ top"]
 
 
+def test_lines_deleted_after_a_scroll_up_read_as_before():
+    # pyte's delete-lines leaves a line in place when the one to move in is not held, and the
+    # scroll up (one move of the lines) must leave them held as the indexes it replaced did:
+    # else `two` stayed on the screen.
+    assert text_of([(0.1, f"one\r\ntwo{E}[S{E}[H{E}[2M")], width=20, height=5) == ["one"]
+
+
 # -- the same text as the export's first way of reading the screen -------------------------------
 
 def _old_row_text(line, columns: int) -> str:
@@ -188,6 +195,8 @@ HOSTILE = {  # what comes once, then the unit repeated (as in bench/replay)
     "erase display": ("", "x\x1b[2J"),
     "erase display in colour": ("", "\x1b[44mx\x1b[2J"),
     "erase display after one in colour": ("\x1b[44m\x1b[2J", "\x1b[2J"),
+    "scroll up 9999": ("", "\x1b[9999S"),
+    "scroll up 9999 under a line": ("", "x\x1b[9999S"),
     "alternate screen": ("", "x\x1b[?1049hy\x1b[?1049l"),
     "REP 9999": ("", "x\x1b[9999b"),
 }
@@ -198,7 +207,8 @@ HOSTILE = {  # what comes once, then the unit repeated (as in bench/replay)
 def test_the_export_costs_a_few_times_what_the_screen_model_costs(name, size):
     """On top of the screen model, the export reads out what leaves the screen: at most a few
     times the model's own work, at any size. It read every column of every held line on each
-    erase (35x the model at 80x24, 178x at 250x80, after one erase in colour)."""
+    erase (35x the model at 80x24, 178x at 250x80, after one erase in colour) and scrolled up
+    by one index per line (33x, 231x)."""
     setup, unit = HOSTILE[name]
 
     def work(scr, stream) -> int:
