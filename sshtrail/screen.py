@@ -195,11 +195,27 @@ class Screen(pyte.Screen):
     def scroll_down(self, count: int | None = None, *_: Any) -> None:
         self._scroll(count, up=False)
 
-    def _scroll(self, count: int | None, *, up: bool) -> None:
-        """SU/SD: the region's lines move `count` up (down), blank ones come in, the cursor
-        stays. What an index at the bottom (reverse index at the top) per line does, in one
-        move of the lines: per line, `CSI 9999 S` cost lines x lines."""
+    def delete_lines(self, count: int | None = None) -> None:
+        # DL and IL move the lines from the cursor to the region's bottom, as SU and SD move
+        # the region's. pyte left a line in place where the line to move into it was not held
+        # (a blank one): `A CSI H CSI M` kept the A.
         top, bottom = self.margins or Margins(0, self.lines - 1)
+        if top <= self.cursor.y <= bottom:
+            self._scroll(count, up=True, top=self.cursor.y)
+            self.carriage_return()
+
+    def insert_lines(self, count: int | None = None) -> None:
+        top, bottom = self.margins or Margins(0, self.lines - 1)
+        if top <= self.cursor.y <= bottom:
+            self._scroll(count, up=False, top=self.cursor.y)
+            self.carriage_return()
+
+    def _scroll(self, count: int | None, *, up: bool, top: int | None = None) -> None:
+        """SU/SD: the region's lines (from `top`, if given) move `count` up (down), blank ones
+        come in, the cursor stays. What an index at the bottom (reverse index at the top) per
+        line does, in one move of the lines: per line, `CSI 9999 S` cost lines x lines."""
+        first, bottom = self.margins or Margins(0, self.lines - 1)
+        top = first if top is None else top
         n = min(count or 1, bottom - top + 1)
         rows = [self.buffer.pop(y, None) for y in range(top, bottom + 1)]
         rows = rows[n:] + [None] * n if up else [None] * n + rows[:len(rows) - n]

@@ -59,6 +59,29 @@ def test_scroll_up_and_down_move_the_regions_lines_as_indexes_would(seed):
 
 
 @pytest.mark.parametrize("seed", range(40))
+def test_delete_and_insert_lines_move_the_lines_below_the_cursor_as_indexes_would(seed):
+    # pyte left a line in place where the one to move into it was not held: `A CSI H CSI M`
+    # kept the A, which a terminal blanks.
+    rng = random.Random(seed)
+    top = rng.randint(1, 6)
+    region = (top, rng.randint(top + 1, 12)) if rng.random() < 0.5 else None
+    ours, stream, theirs = twins(seed, region)
+    for y in rng.sample(range(12), 4):  # lines not held, among held ones
+        ours.buffer.pop(y, None)
+        theirs.buffer.pop(y, None)
+    count = rng.choice([1, 2, 5, 11, 9999])
+    up = rng.random() < 0.5
+    y = rng.randint(0, 11)
+    stream.feed(f"\x1b[{y + 1};{rng.randint(1, 30)}H\x1b[{count}{'M' if up else 'L'}")
+    first, bottom = (region[0] - 1, region[1] - 1) if region else (0, 11)
+    if first <= y <= bottom:  # outside the region, nothing moves
+        theirs.margins = pyte.screens.Margins(y, bottom)
+        reference_scroll(theirs, count, up)
+        theirs.cursor.x = 0
+    assert screen.cells(ours) == screen.cells(theirs)
+
+
+@pytest.mark.parametrize("seed", range(40))
 @pytest.mark.parametrize("how", [0, 1, 2, 3])
 def test_erase_in_display_blanks_every_cell_in_the_cursors_colours(seed, how):
     rng = random.Random(seed)
