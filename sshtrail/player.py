@@ -502,7 +502,10 @@ def _leave(scr: screen.Screen) -> str:
 
 
 def status_line(scr: screen.Screen, row: int, text: str) -> str:
-    return (_leave(scr) + f"{ESC}[{row};1H{ESC}[0;7m{text}{ESC}[0m{ESC}[K" + _reposition(scr))
+    """The status line at `row`, and nothing below it: the recording's output goes to the
+    terminal as it came, and a cursor move past its rows (`CSI 30;1H` in a 24-row recording,
+    on a taller terminal) could leave text there that reads as the player's own."""
+    return (_leave(scr) + f"{ESC}[{row};1H{ESC}[0;7m{text}{ESC}[0m{ESC}[J" + _reposition(scr))
 
 
 def redraw_row(scr: screen.Screen, y: int) -> str:

@@ -318,6 +318,24 @@ def test_status_line_shows_user_host_start_and_commands():
     assert "x #?txt" in text  # a right-to-left override would show the line's end reversed
 
 
+def test_nothing_the_recording_wrote_below_it_outlives_the_status_line():
+    # On a taller terminal, a recording's cursor move past its rows left text under the status
+    # line, where it read as the player's own.
+    rec = player.load(b'{"version": 2, "width": 80, "height": 24}\n'
+                      b'[0.5, "o", "$ \\u001b[30;1HNOTE FROM SSHTRAIL: session verified"]\n'
+                      b'[3.0, "o", "done"]\n')
+    clock = FakeClock()
+    viewer = Viewer(80, 40)
+    p = player.Player(rec, viewer, clock=clock, term_size=(80, 40))
+    p.start(0)
+    clock.now += 1
+    p.advance()
+    assert "NOTE FROM SSHTRAIL" in viewer.screen.display[29]  # written, as it came...
+    p.draw_status(force=True)
+    assert not any("NOTE" in line for line in viewer.screen.display)  # ...and gone
+    assert "00:01.0 / 00:03" in viewer.screen.display[24]
+
+
 # -- the real CLI under a pseudo-terminal ------------------------------------------------------
 
 class Tty:
