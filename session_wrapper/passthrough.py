@@ -26,6 +26,7 @@ from _socket import SHUT_WR, socket
 import _signal as signal
 
 from session_wrapper.program import exec_program
+from sshtrail.wakeup import SignalPipe
 
 CHUNK = 65536
 # Whose default action would end the wrapper, by name.
@@ -65,11 +66,7 @@ def run(path: str, argv: list[str], env: dict, client, *, record: bool
         exec_program(path, argv, env)
     for fd in (in_r, out_w, err_w):
         os.close(fd)
-    sig_r, sig_w = os.pipe()
-    for fd in (sig_r, sig_w):
-        os.set_blocking(fd, False)
-    old_wakeup = signal.set_wakeup_fd(sig_w)
-    old_handlers = {s: signal.signal(s, lambda *_: None) for s in TAKEN}
+    signals = SignalPipe(TAKEN)
     came = None
     streams = [_Stream(0, in_w, None), _Stream(out_r, 1, b"o" if record else None),
                _Stream(err_r, 2, b"o" if record else None)]
@@ -78,7 +75,7 @@ def run(path: str, argv: list[str], env: dict, client, *, record: bool
         os.set_blocking(s.dst, False)
     try:
         while not all(s.done for s in streams[1:]):
-            rlist = [s.src for s in streams if not s.buf and not s.eof] + [sig_r]
+            rlist = [s.src for s in streams if not s.buf and not s.eof] + [signals.fd]
             wlist = [s.dst for s in streams if s.buf]
             if client is not None and client.sock is not None:
                 rlist.append(client.fileno())
@@ -88,8 +85,8 @@ def run(path: str, argv: list[str], env: dict, client, *, record: bool
                 r, w, _ = select.select(rlist, wlist, [], client.timeout() if client else None)
             except InterruptedError:
                 continue
-            if sig_r in r:
-                for number in os.read(sig_r, 512):
+            if signals.fd in r:
+                for number in signals.read():
                     came = came or TAKEN.get(number)
             for s in streams:
                 if s.src in r and not s.buf and not s.eof:
@@ -127,16 +124,9 @@ def run(path: str, argv: list[str], env: dict, client, *, record: bool
                     except OSError:
                         pass
     _, status = os.waitpid(pid, 0)  # the signals still taken: one now must not end us either
-    try:
-        for number in os.read(sig_r, 512):
-            came = came or TAKEN.get(number)
-    except BlockingIOError:
-        pass
-    signal.set_wakeup_fd(old_wakeup)
-    for sig, handler in old_handlers.items():
-        signal.signal(sig, handler)
-    os.close(sig_r)
-    os.close(sig_w)
+    for number in signals.read():
+        came = came or TAKEN.get(number)
+    signals.close()
     return status, streams[0].count, streams[1].count + streams[2].count, came
 
 

@@ -32,6 +32,7 @@ import tty
 import _signal as signal
 
 from session_wrapper.program import exec_program
+from sshtrail.wakeup import SignalPipe
 
 CHUNK = 65536
 # One pass takes what the pty has (a pty hands out ~4 KiB per read) into one frame: a frame per
@@ -136,13 +137,9 @@ def relay(path: str, argv: list[str], env: dict, client, *, record_input: bool,
     set_winsize(master, cols, rows)
     os.set_blocking(master, False)
 
-    sig_r, sig_w = os.pipe()
-    for fd in (sig_r, sig_w):
-        os.set_blocking(fd, False)
-    old_wakeup = signal.set_wakeup_fd(sig_w)
-    old_handlers = {s: signal.signal(s, lambda *_: None)
-                    for s in (signal.SIGWINCH, signal.SIGCHLD, signal.SIGHUP, signal.SIGTERM,
-                              *IGNORED)}
+    signals = SignalPipe((signal.SIGWINCH, signal.SIGCHLD, signal.SIGHUP, signal.SIGTERM,
+                          *IGNORED))
+    sig_r = signals.fd
     saved_tty = None
     try:
         saved_tty = termios.tcgetattr(0)
@@ -215,7 +212,7 @@ def relay(path: str, argv: list[str], env: dict, client, *, record_input: bool,
                 elif fd == agent_fd:
                     r_agent = ev
             if r_sig:
-                sigs = read(sig_r, 512)
+                sigs = signals.read()
                 if bytes([signal.SIGWINCH]) in sigs:
                     cols, rows = get_winsize(0)
                     set_winsize(master, cols, rows)
@@ -325,11 +322,7 @@ def relay(path: str, argv: list[str], env: dict, client, *, record_input: bool,
                 termios.tcsetattr(0, termios.TCSAFLUSH, saved_tty)
         except termios.error:
             pass  # hung up
-        signal.set_wakeup_fd(old_wakeup)
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
-        os.close(sig_r)
-        os.close(sig_w)
+        signals.close()
         os.close(master)
     if status is None:
         done, st = os.waitpid(pid, os.WNOHANG if ended_by else 0)

@@ -124,15 +124,8 @@ def play_on_terminal(p, at: float = 0.0) -> int:
     """Run `p` on the terminal at fds 0/1; the terminal is given back whatever happens."""
     fd = 0
     saved = termios.tcgetattr(fd)
-    rfd, wfd = os.pipe()
-    os.set_blocking(wfd, False)
-    os.set_blocking(rfd, False)
-    caught = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGWINCH)
-    old = {s: signal.getsignal(s) for s in caught}
-    old_wakeup = signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
-    for s in caught:
-        # A handler that does nothing: the byte on the pipe is the message.
-        signal.signal(s, lambda *_: None)
+    from sshtrail.wakeup import SignalPipe
+    signals = SignalPipe((signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGWINCH))
 
     def on_wake(data: bytes) -> None:
         for signum in data:
@@ -151,7 +144,7 @@ def play_on_terminal(p, at: float = 0.0) -> int:
     try:
         tty.setraw(fd, termios.TCSANOW)
         p.start(at)
-        p.run(fd, rfd, on_wake)
+        p.run(fd, signals.fd, on_wake)
     finally:
         try:
             p.out.write(p.restore_sequence().encode())
@@ -161,9 +154,5 @@ def play_on_terminal(p, at: float = 0.0) -> int:
             termios.tcsetattr(fd, termios.TCSADRAIN, saved)
         except termios.error:
             pass
-        signal.set_wakeup_fd(old_wakeup)
-        for s, h in old.items():
-            signal.signal(s, h)
-        os.close(rfd)
-        os.close(wfd)
+        signals.close()
     return 0

@@ -31,6 +31,14 @@ def twins(seed: int, region: tuple[int, int] | None = None):
     return ours, stream, theirs
 
 
+def twins_in_a_region(seed: int):
+    """Twins (above), half of them with a random scroll region; and the seed's random numbers."""
+    rng = random.Random(seed)
+    top = rng.randint(1, 6)
+    region = (top, rng.randint(top + 1, 12)) if rng.random() < 0.5 else None
+    return rng, region, twins(seed, region)
+
+
 def reference_scroll(scr: screen.Screen, count: int, up: bool) -> None:
     """SU/SD as an index at the region's bottom (reverse index at its top) per line, with pyte's
     own methods: what the model did before it moved the lines in one go."""
@@ -44,10 +52,7 @@ def reference_scroll(scr: screen.Screen, count: int, up: bool) -> None:
 
 @pytest.mark.parametrize("seed", range(40))
 def test_scroll_up_and_down_move_the_regions_lines_as_indexes_would(seed):
-    rng = random.Random(seed)
-    top = rng.randint(1, 6)
-    region = (top, rng.randint(top + 1, 12)) if rng.random() < 0.5 else None
-    ours, stream, theirs = twins(seed, region)
+    rng, region, (ours, stream, theirs) = twins_in_a_region(seed)
     count = rng.choice([1, 2, 5, 11, 12, 13, 9999])
     up = rng.random() < 0.5
     stream.feed(f"\x1b[{rng.randint(1, 12)};{rng.randint(1, 30)}H")
@@ -62,10 +67,7 @@ def test_scroll_up_and_down_move_the_regions_lines_as_indexes_would(seed):
 def test_delete_and_insert_lines_move_the_lines_below_the_cursor_as_indexes_would(seed):
     # pyte left a line in place where the one to move into it was not held: `A CSI H CSI M`
     # kept the A, which a terminal blanks.
-    rng = random.Random(seed)
-    top = rng.randint(1, 6)
-    region = (top, rng.randint(top + 1, 12)) if rng.random() < 0.5 else None
-    ours, stream, theirs = twins(seed, region)
+    rng, region, (ours, stream, theirs) = twins_in_a_region(seed)
     for y in rng.sample(range(12), 4):  # lines not held, among held ones
         ours.buffer.pop(y, None)
         theirs.buffer.pop(y, None)
