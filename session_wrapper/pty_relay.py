@@ -10,11 +10,12 @@ the wrapper on the spot, its last batch and the end lost, the session listed as 
 
 Output passes through a buffer of at most OUT_CAP bytes, with both sides non-blocking: we keep
 reading the program while sshd drains the terminal (pipelined, not lockstep), and stop reading
-when the buffer is full (a slow client slows the program, nothing piles up). Input likewise, through at most IN_CAP bytes: a program that reads no input while it
-writes (a paste into `yes`) must not stop its output, as sshd alone would not; waiting for it
-to take the input, the relay would stop reading its output, and both would wait for ever. The
-agent never holds anything up: frames go to AgentClient, which batches them and sends only
-when its socket is writable.
+when the buffer is full (a slow client slows the program, nothing piles up). Input likewise,
+through at most IN_CAP bytes: a program that reads no input while it writes (a paste into
+`yes`) must not stop its output, as sshd alone would not; waiting for it to take the input,
+the relay would stop reading its output, and both would wait for ever. The agent never holds
+anything up: frames go to AgentClient, which batches them and sends only when its socket is
+writable.
 """
 from __future__ import annotations
 
@@ -83,6 +84,8 @@ def _to_program(master: int, data) -> int:
         return len(data)
 
 
+# As they come from the signal pipe.
+WINCH, CHLD = bytes([signal.SIGWINCH]), bytes([signal.SIGCHLD])
 HUP, TERM = bytes([signal.SIGHUP]), bytes([signal.SIGTERM])
 # Signals to the wrapper's process group (sshd's signal request), whose default action would end
 # the wrapper (SIGINT with a traceback to the terminal): the program, in a session of its own,
@@ -213,11 +216,11 @@ def relay(path: str, argv: list[str], env: dict, client, *, record_input: bool,
                     r_agent = ev
             if r_sig:
                 sigs = signals.read()
-                if bytes([signal.SIGWINCH]) in sigs:
+                if WINCH in sigs:
                     cols, rows = get_winsize(0)
                     set_winsize(master, cols, rows)
                     client.add(b"r", f"{cols}x{rows}".encode(), now)
-                if status is None and bytes([signal.SIGCHLD]) in sigs:
+                if status is None and CHLD in sigs:
                     done, st = os.waitpid(pid, os.WNOHANG)
                     if done:
                         status = st

@@ -18,6 +18,7 @@ import tty
 
 from sshtrail import cli_remote
 from sshtrail.errors import SshtrailError
+from sshtrail.wakeup import SignalPipe
 
 EXAMPLES = """keys:
   space        pause / resume          .          one frame forward (paused)
@@ -124,7 +125,6 @@ def play_on_terminal(p, at: float = 0.0) -> int:
     """Run `p` on the terminal at fds 0/1; the terminal is given back whatever happens."""
     fd = 0
     saved = termios.tcgetattr(fd)
-    from sshtrail.wakeup import SignalPipe
     signals = SignalPipe((signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGWINCH))
 
     def on_wake(data: bytes) -> None:

@@ -415,8 +415,9 @@ class SessionServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
                 sid=sid, login=login, mode=mode,
                 command=str(header.get("command", ""))[:wire.COMMAND_MAX],
                 term=str(header.get("term", ""))[:wire.TERM_MAX],
-                cols=_int(header.get("cols"), 80, 0xFFFF), rows=_int(header.get("rows"), 24, 0xFFFF), started=time.time(), wrapper_pid=pid,
-                wrapper_start=started)
+                cols=_int(header.get("cols"), 80, 0xFFFF),
+                rows=_int(header.get("rows"), 24, 0xFFFF), started=time.time(),
+                wrapper_pid=pid, wrapper_start=started)
             if header.get("late"):
                 spool.append(events.new("session.recording_failed", sid=sid, login=login,
                                         reason=f"the agent was unreachable when the session "
@@ -503,8 +504,8 @@ def _end_unreported(spool, row, reason: str, ended: float) -> None:
     """End a recording whose wrapper never said how it ended, with the events an end would
     have had (exit status unknown), saying so. A command's is its `exec` event: without it, the
     command of a killed `ssh host cmd` was in no event at all."""
-    common = {"sid": row["sid"], "login": row["login"], "duration": round(ended - row["started"], 6),
-              "end_reason": reason}
+    common = {"sid": row["sid"], "login": row["login"], "end_reason": reason,
+              "duration": round(ended - row["started"], 6)}
     evs = []
     if row["mode"] == "exec":
         evs.append(events.new("exec", at=ended, command=row["command"], exit_status=None,
