@@ -220,3 +220,18 @@ def test_a_recording_the_spool_no_longer_holds_whole_is_said_to_be_so(tmp_path):
     assert b"21B*" in r.stdout and b"* not whole in this spool" in r.stdout
     (row,) = [json.loads(line) for line in sshtrail(cfg, "sessions", "--json").stdout.splitlines()]
     assert row["missing"].startswith("1 of its 3 chunks")
+
+
+# -- --config before the command, as the usage line shows it ----------------------------------
+
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_config_is_taken_before_the_command_as_after_it(spooled, where):
+    # It was parsed, then overwritten by the command's own --config default: the command read
+    # the host's default spool instead, and said nothing was recorded.
+    args = (["--config", str(spooled), "sessions", "--json"] if where == "before"
+            else ["sessions", "--json", "--config", str(spooled)])
+    r = subprocess.run([sys.executable, "-m", "sshtrail.cli", *args], cwd=ROOT,
+                       capture_output=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    [row] = [json.loads(line) for line in r.stdout.decode().splitlines()]
+    assert row["login"] == LOGIN
