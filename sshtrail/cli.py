@@ -100,7 +100,8 @@ def _detail(ev: dict) -> str:
         cut = f" (cut: {ev['command_bytes']} bytes in all)" if ev.get("command_bytes") else ""
         status = ev.get("exit_status")
         how = f"exit {status}" if status is not None else "exit status unknown"
-        return (f"`{ev['command']}`{cut} {how}"
+        command = f"`{ev['command']}`" if ev["command"] else NO_COMMAND
+        return (f"{command}{cut} {how}"
                 + (f"; {ev['end_reason']}" if ev.get("end_reason") else ""))
     if kind == "session.recording":
         return f"recorded {ev.get('size', 0)}B" + (f"; {ev['end_reason']}" if ev.get("end_reason") else "")
@@ -111,6 +112,12 @@ def _detail(ev: dict) -> str:
     if kind == "spool.dropped":
         return f"{ev['count']} dropped: {ev['reason']}"
     return ev.get("message", "")
+
+
+# An exec session without a command: `ssh -T host`, the login shell on pipes, reading commands
+# from the client's stdin (they are not recorded unless recording.exec_output is on; host
+# events show what they ran).
+NO_COMMAND = "(no command: the login shell, reading commands from stdin)"
 
 
 def format_table(evs: list[dict]) -> str:
@@ -210,7 +217,9 @@ def cmd_sessions(args, cfg) -> int:
         partial = partial or bool(mark)
         table.append((s["sid"], s["login"], s["mode"], s["start"][:19].replace("T", " "),
                       f"{s['duration']:.1f}s" if s["duration"] is not None else "running",
-                      f"{s['bytes_out']}B{mark}", s["command"] or s["end_reason"] or ""))
+                      f"{s['bytes_out']}B{mark}",
+                      s["command"] or (NO_COMMAND if s["mode"] == "exec" else "")
+                      or s["end_reason"] or ""))
     print(_columns(table))
     if partial:
         print("* not whole in this spool (pruned after delivery, or dropped): "

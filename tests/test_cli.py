@@ -235,3 +235,25 @@ def test_config_is_taken_before_the_command_as_after_it(spooled, where):
     assert r.returncode == 0, r.stderr
     [row] = [json.loads(line) for line in r.stdout.decode().splitlines()]
     assert row["login"] == LOGIN
+
+
+# -- an exec session without a command ----------------------------------------------------------
+
+def test_a_login_shell_on_pipes_is_named_as_such_not_as_an_empty_command(tmp_path):
+    # `ssh -T host`: sshd runs the login shell, which reads its commands from the client's
+    # stdin. Its exec event's command is "", which the tables showed as `` (or as nothing).
+    cfg = tmp_path / "sshtrail.toml"
+    cfg.write_text(f'[spool]\npath = "{tmp_path / "spool.db"}"\n')
+    spool = Spool(tmp_path / "spool.db", server_id="h1", server_hostname="web1")
+    spool.start_recording(sid="s1", login="alice", mode="exec", command="", term="",
+                          cols=0, rows=0, started=1767225600.0, wrapper_pid=1, wrapper_start=1)
+    spool.append(events.new("exec", at=1767225601.0, sid="s1", login="alice", command="",
+                            exit_status=3, bytes_in=20, bytes_out=13))
+    spool.close()
+    for args in (["events"], ["sessions"]):
+        r = sshtrail(cfg, *args)
+        assert r.returncode == 0, r.stderr
+        [line] = [x for x in r.stdout.decode().splitlines() if "alice" in x]
+        assert "(no command: the login shell, reading commands from stdin)" in line, line
+    r = sshtrail(cfg, "events", "--json")
+    assert json.loads(r.stdout)["command"] == ""  # the event itself says what came
