@@ -224,6 +224,15 @@ class Screen(pyte.Screen):
                 self.buffer[y] = line
         self.dirty.update(range(top, bottom + 1))
 
+    def cursor_to_line(self, line: int | None = None) -> None:
+        if mo.DECOM in self.mode and self.margins is None:
+            # Origin mode without margins: the whole screen is the region. pyte raised here
+            # (margins.top of None), and the parser's reset dropped the rest of the frame.
+            self.cursor.y = (line or 1) - 1
+            self.ensure_vbounds()
+        else:
+            super().cursor_to_line(line)
+
     def repeat(self, count: int | None = None, *_: Any) -> None:
         # At most a line's worth: programs repeat a character within a line (ncurses' `rep`),
         # and a count of thousands would have each 8 bytes draw a whole screen.
@@ -432,15 +441,28 @@ def draw_line(line, columns: int, y: int, out: list[str]) -> None:
         if c.data == "":  # the stub after a wide character whose first cell was overwritten
             out.append(" ")
         else:
-            out.append(c.data)
             nxt = line.get(x + 1)
             if nxt is not None and nxt.data == "":
+                out.append(c.data)
                 x += 1  # the wide character covers it
+            elif c.data.isascii() or wcwidth(c.data[0]) != 2:
+                out.append(c.data)
+            else:
+                # A wide character whose right half was written over (pyte's insert mode can
+                # leave one): drawn, it would push the rest of the row along. A terminal shows
+                # a space there.
+                out.append(" ")
         x += 1
     out.append(f"{ESC}[0m")
 
 
-def _place_saved(saved: Savepoint, out: list[str]) -> None:
+def _place_saved(saved: Savepoint | None, out: list[str]) -> None:
+    if saved is None:
+        # None saved: a restore goes home (pyte). The terminal's slot may hold a cursor saved
+        # before a seek: put home there.
+        out.append(f"{ESC}[?6l{ESC}[?7h{ESC}[H{ESC}[0m{ESC}[?25h{ESC}(B{ESC})0\x0f{ESC}7"
+                   f"{ESC}[?7l{ESC}[?25l")
+        return
     c = saved.cursor
     out.append(f"{ESC}[?6l{ESC}[?7{'h' if saved.wrap else 'l'}")
     out.append(f"{ESC}[{c.y + 1};{min(c.x, 10**4) + 1}H{sgr(c.attrs)}")
@@ -455,43 +477,54 @@ def _charsets(g0: str, g1: str, charset: int) -> str:
     return f"{ESC}({name.get(g0, 'B')}{ESC}){name.get(g1, '0')}" + ("\x0e" if charset else "\x0f")
 
 
+def pending_wrap(line, columns: int, row: int) -> str:
+    """The cursor after the last column of `line`, on screen row `row` (1-based), as writing
+    that column leaves it: by writing it again (the wide character it is the right half of, or
+    the right half would become a space)."""
+    cell = line[columns - 1] if line is not None else _BLANK
+    column = columns
+    left = line[columns - 2].data if line is not None and columns > 1 else ""
+    if cell.data == "" and left and wcwidth(left[0]) == 2:
+        column, cell = columns - 1, line[columns - 2]
+    return f"{ESC}[{row};{column}H{sgr(cell)}{cell.data or ' '}"
+
+
 def render(snap: Snapshot, scroll_rows: int | None = None) -> str:
     """Escape sequences that bring a viewer's terminal, in whatever state the recording left it,
     to show `snap`: its screen (and the main screen behind an alternate one), cursor and saved
     cursors, modes, margins and charsets. `scroll_rows` as in termfilter.TermFilter."""
-    out = [f"{ESC}[?1049l{ESC}[0m{ESC}[4l{ESC}[?6l{ESC}[?7l{ESC}[?25l",
+    out = [f"{ESC}[?1049l{ESC}[0m{ESC}[4l{ESC}[20l{ESC}[?6l{ESC}[?7l{ESC}[?25l",
            f"{ESC}[1;{scroll_rows}r" if scroll_rows else f"{ESC}[r",
            f"{ESC}(B{ESC})0\x0f{ESC}[H{ESC}[2J"]
     main, main_saved = ((snap.hidden_buffer or {}), snap.hidden_saved) if snap.alternate else \
         (snap.buffer, snap.saved)
     _draw_rows(main, snap.columns, snap.lines, out)
-    if main_saved is not None:
-        _place_saved(main_saved, out)
+    _place_saved(main_saved, out)
     if snap.alternate:
-        out.append(f"{ESC}[?1049h")
+        # 1047, not 1049: 1049 saves the cursor as it switches, over the main screen's saved
+        # cursor just placed (its charsets, say, which leaving the alternate screen restores).
+        out.append(f"{ESC}[?1047h{ESC}[0m{ESC}[2J")
         _draw_rows(snap.buffer, snap.columns, snap.lines, out)
-        if snap.saved is not None:
-            _place_saved(snap.saved, out)
-    if snap.tabstops != frozenset(range(8, snap.columns, 8)):
-        out.append(f"{ESC}[3g")
-        out += [f"{ESC}[1;{t + 1}H{ESC}H" for t in sorted(snap.tabstops)]
+        _place_saved(snap.saved, out)
+    # Always: the terminal's may not be its defaults (a redraw earlier set others).
+    out.append(f"{ESC}[3g")
+    out += [f"{ESC}[1;{t + 1}H{ESC}H" for t in sorted(snap.tabstops)]
     if snap.margins is not None:
         bottom = snap.margins.bottom + 1
         out.append(f"{ESC}[{snap.margins.top + 1};{min(bottom, scroll_rows or bottom)}r")
-    if mo.IRM in snap.mode:
-        out.append(f"{ESC}[4h")
     out.append(f"{ESC}[?7{'h' if mo.DECAWM in snap.mode else 'l'}")
+    if mo.LNM in snap.mode:
+        out.append(f"{ESC}[20h")
     c = snap.cursor
     top = snap.margins.top if snap.margins is not None and mo.DECOM in snap.mode else 0
     if mo.DECOM in snap.mode:
         out.append(f"{ESC}[?6h")
     if c.x >= snap.columns:
-        # Pending wrap: the last column was just written. Writing it again recreates that state.
-        line = snap.buffer.get(c.y)
-        cell = line[snap.columns - 1] if line is not None else _BLANK
-        out.append(f"{ESC}[{c.y - top + 1};{snap.columns}H{sgr(cell)}{cell.data or ' '}")
+        out.append(pending_wrap(snap.buffer.get(c.y), snap.columns, c.y - top + 1))
     else:
         out.append(f"{ESC}[{c.y - top + 1};{c.x + 1}H")
+    if mo.IRM in snap.mode:  # after that cell: written in insert mode, it would push one along
+        out.append(f"{ESC}[4h")
     # Last: the cells above hold characters already mapped, a line-drawing G0 must not map them
     # again.
     out.append(_charsets(snap.g0, snap.g1, snap.charset))

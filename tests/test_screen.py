@@ -186,3 +186,50 @@ def test_rep_in_insert_mode_shifts_the_line_once():
     stream.feed("\x1b[1;1Hz\x1b[9999b")
     # `z`, then 999 more in one shift; REP's last one wraps to the next line, and is pyte's.
     assert calls == [1, 999, 1] and row() == "z" * 1000
+
+
+# -- a redraw, and the saved cursors after it ---------------------------------------------------
+
+def _after_redraw(before_viewer: str, recording: str, then: str):
+    """The model fed `recording`; a viewer's terminal in another state (`before_viewer`)
+    redrawn from it; both fed `then`: (model, viewer)."""
+    model, stream = screen.new(40, 10)
+    stream.feed(recording)
+    viewer, vstream = screen.new(40, 10)
+    vstream.feed(before_viewer)
+    vstream.feed(screen.render(screen.snapshot(model)))
+    stream.feed(then)
+    vstream.feed(then)
+    return model, viewer
+
+
+def test_leaving_the_alternate_screen_after_a_redraw_restores_the_main_screens_saved_cursor():
+    # The redraw entered the alternate screen with 1049, which saves the cursor as it switches:
+    # over the main screen's saved cursor it had just placed (here: line drawing in G0).
+    model, viewer = _after_redraw("", "\x1b[3;7H\x1b(0\x1b[?1049hvim\x1b(B", "\x1b[?1049lqq")
+    assert (viewer.cursor.x, viewer.cursor.y) == (model.cursor.x, model.cursor.y) == (8, 2)
+    assert viewer.display[2] == model.display[2] == "      ──" + " " * 32
+
+
+def test_a_restore_with_nothing_saved_after_a_redraw_goes_home_as_in_the_recording():
+    # The viewer's terminal had a cursor saved before a seek; the recording has none saved at
+    # the point sought to, and its restore goes home. The redraw left the viewer's slot as it was.
+    model, viewer = _after_redraw("\x1b[5;9H\x1b7", "text", "\x1b8X")
+    assert (viewer.cursor.x, viewer.cursor.y) == (model.cursor.x, model.cursor.y) == (1, 0)
+    assert viewer.display[0] == model.display[0]
+
+
+def test_a_redraw_keeps_a_wide_character_at_the_right_edge_whole():
+    # The cursor after a wide character in the last two columns: the redraw wrote the last
+    # column again to put it there, a space over the character's right half.
+    model, viewer = _after_redraw("", "\x1b[1;39H\u4e2d", "")
+    assert screen.cells(viewer)[0] == screen.cells(model)[0]
+    assert (viewer.cursor.x, viewer.cursor.y) == (model.cursor.x, model.cursor.y) == (40, 0)
+
+
+def test_a_redraw_of_a_wide_character_written_half_over_does_not_push_the_row_along():
+    # pyte keeps the left half when the right one is written over; drawn as it is, the wide
+    # character took both columns and the rest of the row came one column late.
+    model, viewer = _after_redraw("", "\x1b[1;5H\u4e2d\x1b[1;6Hxyz", "")
+    assert viewer.display[0][4:9] == " xyz "
+    assert [model.buffer[0][x].data for x in range(4, 8)] == ["\u4e2d", "x", "y", "z"]
