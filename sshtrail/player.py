@@ -31,12 +31,17 @@ from typing import IO, Callable, Iterable
 from . import asciicast, events, screen, termfilter
 from .errors import SshtrailError
 from .keyframes import Frame, Keyframes
+from .right_edge import ABORT, RightEdge
 
 ESC = "\x1b"
 SPEEDS = (0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0)
 MIN_SPEED, MAX_SPEED = SPEEDS[0], SPEEDS[-1]
 SEEK_SMALL, SEEK_LARGE = 10.0, 60.0
 STATUS_EVERY = 0.25  # seconds between status line updates while playing
+# On a terminal wider than the recording, once output went past the recording's right edge: the
+# screen is drawn from the model when output pauses this long (seconds of the viewer's time),
+# or after this long of streaming output.
+REDRAW_QUIET, REDRAW_EVERY = 0.05, 0.25
 
 
 class PlayError(SshtrailError):
@@ -201,6 +206,10 @@ class Player:
         self._last_status = 0.0
         self._height = rec.height  # the recording's current size (it may resize)
         self._width = rec.width
+        # On a terminal wider than the recording: where output would act differently at the
+        # recording's right edge (set by every redraw from the model; None: not wider).
+        self._edge: RightEdge | None = None
+        self._stale_since: float | None = None  # since when the viewer needs a redraw
 
     # -- time ---------------------------------------------------------------------------------
 
@@ -276,14 +285,73 @@ class Player:
             return f"{ESC}[{top};{min(bottom, rows)}r"
         return _MARGINS.sub(fix, text)
 
-    def _frames_text(self, start: int, stop: int) -> str:
+    def _frames_text(self, start: int, stop: int) -> tuple[str, bool]:
+        """The output of frames[start:stop], and whether the recording resized among them."""
         parts = []
+        resized = False
         for f in self.frames[start:stop]:
             if f.kind == "o":
                 parts.append(f.data)
             else:
                 self._resized(f.data)
-        return self._confined("".join(parts))
+                resized = True
+        return self._confined("".join(parts)), resized
+
+    def _show(self, start: int, stop: int) -> None:
+        """Put frames[start:stop] on the viewer's screen, as they came. On a terminal wider
+        than the recording, where they act differently than they did on the recording's
+        (RightEdge), the screen is drawn from the model soon after (_redraw_if_due): at once
+        when output pauses, at most every REDRAW_EVERY seconds while it streams (drawing
+        after every piece of a stream of long lines cost the model's time on every byte)."""
+        text, resized = self._frames_text(start, stop)
+        self._written = stop
+        self._write(text)
+        if self.term_cols <= self._width:
+            self._edge, self._stale = None, False
+            return
+        edge = self._edge
+        if edge is None:  # it became wider than the recording: where its parser is, not known
+            edge = self._edge = RightEdge(self._width, None, self._height)
+            self._stale = True
+        if edge.feed(text) or resized:
+            self._stale = True
+
+    def _redraw_if_due(self, wait: float, force: bool = False) -> None:
+        """Draw the screen from the model if what was passed on has gone past the recording's
+        edge, and output pauses (the next frame is `wait` seconds away), or it has streamed on
+        for REDRAW_EVERY seconds since, or `force`."""
+        if not self._stale or not (force or wait > REDRAW_QUIET
+                                   or self.clock() - self._stale_since >= REDRAW_EVERY):
+            return
+        edge = self._edge
+        scr = self._live_model()
+        # What the viewer's terminal is in the middle of (a sequence the frames cut) ends
+        # first, and follows the redraw again, for the next frames to finish as the model will.
+        self._write((ABORT if edge.carry else "") + render(scr, self._confine) + edge.carry)
+        edge.sync(scr)
+        self._stale = False
+        self.draw_status(force=True)
+
+    @property
+    def _stale(self) -> bool:
+        return self._stale_since is not None
+
+    @_stale.setter
+    def _stale(self, stale: bool) -> None:
+        if not stale:
+            self._stale_since = None
+        elif self._stale_since is None:
+            self._stale_since = self.clock()
+
+    def _edge_from(self, scr: screen.Screen) -> None:
+        """After a redraw from the model `scr` at the start of a frame: on a terminal wider than
+        the recording, follow its right edge from there."""
+        self._stale = False
+        if self.term_cols <= scr.columns:
+            self._edge = None
+        else:
+            self._edge = RightEdge(scr.columns, lines=scr.lines)
+            self._edge.sync(scr)
 
     def _resized(self, size: str) -> None:
         cols, rows = (int(v) for v in size.split("x"))
@@ -306,6 +374,7 @@ class Player:
         self._width, self._height = scr.columns, scr.lines
         self._overlay = False
         self._write(render(scr, self._confine))
+        self._edge_from(scr)
         self._anchor(t)
         self.draw_status(force=True)
 
@@ -316,19 +385,21 @@ class Player:
         if stop > self._written:
             if self._overlay:
                 self._lift_overlay()
-            text = self._frames_text(self._written, stop)
-            self._written = stop
-            self._write(text)
+            self._show(self._written, stop)
         if self._written >= len(self.frames) and pos >= self.duration:
+            self._redraw_if_due(0.0, force=True)
             if not self.stay:
                 self.done = True
             elif not self.paused:
                 self.toggle_pause()  # stay at the end, paused, for a seek back
             return float("inf")
         if self.paused:
+            self._redraw_if_due(0.0, force=True)
             return float("inf")
         nxt = self.frames[self._written].t if self._written < len(self.frames) else self.duration
-        return max(0.0, (nxt - pos) / self.speed)
+        wait = max(0.0, (nxt - pos) / self.speed)
+        self._redraw_if_due(wait)
+        return wait
 
     def step(self) -> None:
         """One frame forward (paused: the position moves to that frame)."""
@@ -338,8 +409,8 @@ class Player:
         self._anchor(f.t)
         if self._overlay:
             self._lift_overlay()
-        self._write(self._frames_text(self._written, self._written + 1))
-        self._written += 1
+        self._show(self._written, self._written + 1)
+        self._redraw_if_due(0.0, force=True)
         self.draw_status(force=True)
 
     # -- the status line ----------------------------------------------------------------------
@@ -445,6 +516,7 @@ class Player:
         """What the terminal needs when the player leaves: the recording's modes undone, the
         cursor below the recording and shown (last)."""
         try:
+            self._redraw_if_due(0.0, force=True)
             self._lift_overlay()
             scr = self._live_model()
         except Exception:  # noqa: BLE001 - leaving after an error: restore what we can
@@ -482,8 +554,7 @@ def _reposition(scr: screen.Screen) -> str:
     if mo.DECOM in scr.mode:
         out.append(f"{ESC}[?6h")
     if c.x >= scr.columns:
-        cell = scr.buffer[c.y][scr.columns - 1]
-        out.append(f"{ESC}[{c.y - top + 1};{scr.columns}H{screen.sgr(cell)}{cell.data or ' '}")
+        out.append(screen.pending_wrap(scr.buffer[c.y], scr.columns, c.y - top + 1))
     else:
         out.append(f"{ESC}[{c.y - top + 1};{c.x + 1}H")
     if mo.IRM in scr.mode:

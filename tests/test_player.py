@@ -336,6 +336,35 @@ def test_nothing_the_recording_wrote_below_it_outlives_the_status_line():
     assert "00:01.0 / 00:03" in viewer.screen.display[24]
 
 
+def test_on_a_wider_terminal_the_viewer_shows_what_the_recording_showed(long_cast):
+    # Output passed on as it came wraps at the viewer's width, not the recording's: the
+    # generated session's long lines ran on past column 80, and its cursor with them. Where
+    # output acts differently at the recording's right edge, the player now draws from the
+    # model (sshtrail.right_edge) once output pauses: then the recording's rows are on the
+    # screen, and nothing to their right.
+    rec = load(long_cast)
+    clock = FakeClock()
+    viewer = Viewer(W + 30, H + 2)
+    p = player.Player(rec, viewer, clock=clock, term_size=(W + 30, H + 2))
+    p.start(0)
+    rng = random.Random(5)
+    checks = 0
+    while not p.done:
+        clock.now += rng.uniform(0.05, 3.0)
+        p.advance()
+        if p._stale:
+            continue  # output streams on: redrawn once it pauses (or within REDRAW_EVERY)
+        model = p.keyframes.state_at(p._written)[0]
+        shown = viewer.screen
+        for y in range(H):
+            row = [shown.buffer[y][x].data for x in range(shown.columns)]
+            assert row[:W] == [model.buffer[y][x].data for x in range(W)], (p.position, y)
+            assert set(row[W:]) == {" "}, (p.position, y, "".join(row[W:]))
+        assert (shown.cursor.x, shown.cursor.y) == (model.cursor.x, model.cursor.y)
+        checks += 1
+    assert checks > 100 and viewer.raw.count(b"\x1b[2J") > 20  # redrawn, many times
+
+
 # -- the real CLI under a pseudo-terminal ------------------------------------------------------
 
 class Tty:
