@@ -384,7 +384,8 @@ def cmd_config(args, cfg) -> int:
 def build_parser() -> argparse.ArgumentParser:
     config_help = f"config file (default: $SSHTRAIL_CONFIG, else {config.DEFAULT_PATH})"
     p = argparse.ArgumentParser(prog="sshtrail", description="Audit trail for OpenSSH servers.",
-                                epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+                                epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", metavar="PATH", help=config_help)
     # --config may come before the command or after it. SUPPRESS: a command's parser without one
     # leaves what `sshtrail --config X COMMAND` set (its default None would overwrite it).
