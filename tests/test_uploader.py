@@ -11,6 +11,7 @@ import http.server
 import json
 import os
 import random
+import re
 import signal
 import sqlite3
 import ssl
@@ -313,7 +314,7 @@ def test_failures_are_retried_with_growing_capped_jittered_backoff_and_nothing_a
     assert set(sent_states(spool).values()) == {1}
 
 
-def test_run_loop_backs_off_then_delivers(setup, collector):
+def test_run_loop_backs_off_then_delivers(setup, collector, caplog):
     cfg, spool, make_uploader, make_cfg_ = setup
     append_logins(spool, 3)
     collector.answer("events", 503, "drop", 429, 500)
@@ -331,9 +332,15 @@ def test_run_loop_backs_off_then_delivers(setup, collector):
     assert not t.is_alive()
     posts = collector.of("events")
     assert len(posts) == 5 and posts[-1].seqs == [1, 2, 3]
-    gaps = [b.at - a.at for a, b in zip(posts, posts[1:])]
+    # The delays it chose (full jitter under a ceiling doubling from 0.25 s to backoff_max),
+    # and that it waited them out. Not how long each retry took in all: on a loaded machine a
+    # dropped connection alone took 0.4 s to be seen as one.
+    waits = [float(m.group(1)) for m in (re.search(r"retrying in ([0-9.]+) s", r.getMessage())
+                                         for r in caplog.records) if m]
     ceilings = [0.25, 0.4, 0.4, 0.4]
-    assert all(g <= c + 0.3 for g, c in zip(gaps, ceilings)), gaps
+    assert len(waits) == 4 and all(w <= c + 0.005 for w, c in zip(waits, ceilings)), waits
+    gaps = [b.at - a.at for a, b in zip(posts, posts[1:])]
+    assert all(g >= w - 0.01 for g, w in zip(gaps, waits)), (gaps, waits)
     assert spool.backlog()["events"] == 0
 
 
