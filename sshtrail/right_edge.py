@@ -112,7 +112,8 @@ class RightEdge:
                 self._plain = False
             ch = text[offset]
             offset += 1
-            seq += ch
+            if len(seq) <= MAX_CARRY:  # past it, given up on: not grown for ever
+                seq += ch
             self._plain = bool(send(ch))
             if self._plain:
                 seq = ""
