@@ -491,6 +491,38 @@ def test_cli_pause_stops_time_and_status_line_shows_it(tmp_path):
             t.p.kill(signal.SIGKILL)
 
 
+def test_cli_on_a_wider_terminal_shows_the_recordings_screen(tmp_path):
+    # The real command on a terminal 30 columns wider: a command line typed past the edge
+    # (readline's wrap), a cursor move far right, tabs past the last stop. At the end, paused
+    # (--stay), the recording's screen, and nothing to its right.
+    out = [(0.1, PROMPT)]
+    t_ = 0.1
+    for ch in "echo " + "y" * 100:
+        t_ += 0.002
+        out.append((t_, ch))
+    out += [(t_ + 0.01, "\r\n" + "y" * 100 + "\r\n"),
+            (t_ + 0.02, "right\x1b[200C|\r\n" + "a\tb\tc\td\te\tf\tg\th\ti\tj\tk\tl\r\n"),
+            (t_ + 0.03, PROMPT)]
+    cast = write_cast(tmp_path / "wide.cast", out)
+    model = player.Player(load(cast), io.BytesIO(), status=False)
+    want = model.screen_at(model.duration)
+    t = Tty([str(cast), "--stay"], cols=W + 30, rows=H + 1)
+    try:
+        t.pump(20, until=lambda: "[paused]" in t.status())
+        shown = t.viewer.screen
+        for y in range(H):
+            row = [shown.buffer[y][x].data for x in range(shown.columns)]
+            assert row[:W] == [want.buffer[y][x].data for x in range(W)], y
+            assert set(row[W:]) == {" "}, (y, "".join(row[W:]))
+        assert (shown.cursor.x, shown.cursor.y) == (want.cursor.x, want.cursor.y)
+        t.key("q", 0)
+        assert t.finish() == 0
+        assert t.cooked()
+    finally:
+        if t.p.isalive():
+            t.p.kill(signal.SIGKILL)
+
+
 def _timed_run(cast: Path, speed: str) -> float:
     t = Tty([str(cast), "--speed", speed, "--no-status"])
     start = time.monotonic()
