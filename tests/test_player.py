@@ -176,6 +176,16 @@ def same_screen(viewer: screen.Screen, model: screen.Screen, rows: int = H) -> N
     assert viewer.cursor.attrs == model.cursor.attrs
 
 
+def shows_the_recording(shown: screen.Screen, model: screen.Screen) -> None:
+    """A terminal wider than the recording (W x H) shows its characters top left, nothing to
+    their right, and the cursor where the model has it."""
+    for y in range(H):
+        row = [shown.buffer[y][x].data for x in range(shown.columns)]
+        assert row[:W] == [model.buffer[y][x].data for x in range(W)], y
+        assert set(row[W:]) == {" "}, (y, "".join(row[W:]))
+    assert (shown.cursor.x, shown.cursor.y) == (model.cursor.x, model.cursor.y)
+
+
 class FakeClock:
     def __init__(self) -> None:
         self.now = 1000.0
@@ -367,13 +377,7 @@ def test_on_a_wider_terminal_the_viewer_shows_what_the_recording_showed(long_cas
         p.advance()
         if p._stale:
             continue  # output streams on: redrawn once it pauses (or within REDRAW_EVERY)
-        model = p.keyframes.state_at(p._written)[0]
-        shown = viewer.screen
-        for y in range(H):
-            row = [shown.buffer[y][x].data for x in range(shown.columns)]
-            assert row[:W] == [model.buffer[y][x].data for x in range(W)], (p.position, y)
-            assert set(row[W:]) == {" "}, (p.position, y, "".join(row[W:]))
-        assert (shown.cursor.x, shown.cursor.y) == (model.cursor.x, model.cursor.y)
+        shows_the_recording(viewer.screen, p.keyframes.state_at(p._written)[0])
         checks += 1
     assert checks > 100 and viewer.raw.count(b"\x1b[2J") > 20  # redrawn, many times
 
@@ -431,6 +435,19 @@ class Tty:
     def status(self) -> str:
         return self.viewer.screen.display[-1]
 
+    def quit(self) -> None:
+        """q, as the auditor leaves: exit 0, the terminal given back in cooked mode."""
+        self.key("q", 0)
+        assert self.finish() == 0
+        assert self.cooked()
+
+    def __enter__(self) -> "Tty":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.p.isalive():  # a failed test leaves no player behind
+            self.p.kill(signal.SIGKILL)
+
 
 def _status_pos(line: str) -> float:
     m = re.search(r"(\d\d):(\d\d)\.(\d) /", line)
@@ -441,8 +458,7 @@ def _status_pos(line: str) -> float:
 def test_cli_seeks_with_keys_equal_a_straight_replay(long_cast):
     rec = load(long_cast)
     model = player.Player(rec, io.BytesIO(), status=False)
-    t = Tty([str(long_cast), "--at", "100", "--paused", "--no-status"])
-    try:
+    with Tty([str(long_cast), "--at", "100", "--paused", "--no-status"]) as t:
         t.pump(10, until=lambda: t.viewer.raw.count(b"\x1b[2J") >= 1 and
                screen.cells(t.viewer.screen) == screen.cells(model.screen_at(100)))
         same_screen(t.viewer.screen, model.screen_at(100))
@@ -456,19 +472,13 @@ def test_cli_seeks_with_keys_equal_a_straight_replay(long_cast):
                    and (t.viewer.screen.cursor.x, t.viewer.screen.cursor.y)
                    == (want.cursor.x, want.cursor.y))
             same_screen(t.viewer.screen, want)
-        t.key("q", 0)
-        assert t.finish() == 0
-        assert t.cooked()
+        t.quit()
         assert t.viewer.raw.endswith(b"\x1b[?25h")
-    finally:
-        if t.p.isalive():
-            t.p.kill(signal.SIGKILL)
 
 
 def test_cli_pause_stops_time_and_status_line_shows_it(tmp_path):
     cast = write_cast(tmp_path / "s.cast", [(i * 0.5, f"line {i}\r\n") for i in range(200)])
-    t = Tty([str(cast)], rows=H + 1)
-    try:
+    with Tty([str(cast)], rows=H + 1) as t:
         t.pump(10, until=lambda: "[playing]" in t.status())
         t.pump(1.0)
         t.key(" ")
@@ -483,12 +493,7 @@ def test_cli_pause_stops_time_and_status_line_shows_it(tmp_path):
         t.pump(1.2)
         assert _status_pos(t.status()) > first + 0.5
         assert "alice" not in t.status() and "@" in t.status()
-        t.key("q", 0)
-        assert t.finish() == 0
-        assert t.cooked()
-    finally:
-        if t.p.isalive():
-            t.p.kill(signal.SIGKILL)
+        t.quit()
 
 
 def test_cli_on_a_wider_terminal_shows_the_recordings_screen(tmp_path):
@@ -506,21 +511,10 @@ def test_cli_on_a_wider_terminal_shows_the_recordings_screen(tmp_path):
     cast = write_cast(tmp_path / "wide.cast", out)
     model = player.Player(load(cast), io.BytesIO(), status=False)
     want = model.screen_at(model.duration)
-    t = Tty([str(cast), "--stay"], cols=W + 30, rows=H + 1)
-    try:
+    with Tty([str(cast), "--stay"], cols=W + 30, rows=H + 1) as t:
         t.pump(20, until=lambda: "[paused]" in t.status())
-        shown = t.viewer.screen
-        for y in range(H):
-            row = [shown.buffer[y][x].data for x in range(shown.columns)]
-            assert row[:W] == [want.buffer[y][x].data for x in range(W)], y
-            assert set(row[W:]) == {" "}, (y, "".join(row[W:]))
-        assert (shown.cursor.x, shown.cursor.y) == (want.cursor.x, want.cursor.y)
-        t.key("q", 0)
-        assert t.finish() == 0
-        assert t.cooked()
-    finally:
-        if t.p.isalive():
-            t.p.kill(signal.SIGKILL)
+        shows_the_recording(t.viewer.screen, want)
+        t.quit()
 
 
 def _timed_run(cast: Path, speed: str) -> float:
