@@ -31,7 +31,7 @@ BASIC = "\x07\x08\t\n\x0b\x0c\r\x0e\x0f"
 _TEXT = re.compile("[^" + re.escape(ESC + CSI_C1 + OSC_C1 + "\x00\x7f" + BASIC) + "]+")
 # Ends whatever sequence a terminal is in the middle of: CAN aborts ESC and CSI sequences, ST
 # ends a string. Sent before a redraw when the output passed on so far stopped in the middle of
-# a sequence (`was_cut`): the redraw's own sequences would be read as its continuation.
+# a sequence (`carry`): the redraw's own sequences would be read as its continuation.
 ABORT = CAN + ESC + "\\"
 # A cut sequence kept longer than this (an OSC string that never ends) is not kept whole.
 MAX_CARRY = 1 << 16
@@ -57,7 +57,6 @@ class RightEdge:
 
     def __init__(self, columns: int, x: int | None = 0, lines: int = 24) -> None:
         self.carry = ""  # the text of a sequence the last piece cut, not yet finished
-        self.was_cut = False  # the last piece began inside such a sequence
         self._fsm = self._parser()
         next(self._fsm)
         self._plain = True
@@ -97,7 +96,6 @@ class RightEdge:
         """True if `text` may act differently on a wider terminal. Either way, the parser's
         state goes on to the next piece; a sequence the text ends in the middle of is kept in
         `carry` (the viewer's terminal needs it again after a redraw)."""
-        self.was_cut = bool(self.carry)
         seq = self.carry
         send, match_text = self._fsm.send, _TEXT.match
         offset, end = 0, len(text)

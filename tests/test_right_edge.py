@@ -131,13 +131,13 @@ def test_while_it_says_no_a_wider_terminal_shows_what_the_model_shows(seed):
         piece = out[pos:pos + rng.randint(1, 30)]  # sequences cut anywhere
         pos += len(piece)
         model_stream.feed(piece)
-        if edge.feed(piece):
-            wide_stream.feed((ABORT if edge.was_cut else "") + screen.render(screen.snapshot(model))
+        wide_stream.feed(piece)  # as the player does: passed on as it came, and redrawn from
+        if edge.feed(piece):     # the model where it says so (what a sequence cut holds, again)
+            wide_stream.feed((ABORT if edge.carry else "") + screen.render(screen.snapshot(model))
                              + edge.carry)
             edge.sync(model)
             redraws += 1
         else:
-            wide_stream.feed(piece)
             passed += 1
         if not edge.carry:  # mid-sequence, neither has acted on it yet
             shows_the_model(wide, model)
