@@ -204,6 +204,7 @@ class Tracer:
     max_procs: processes and threads of all sessions alive at once.
     max_connecting: TCP connects of all sessions waiting for their handshake at once (past it,
         a connect's outcome is counted by lost()).
+    max_lost_keys: sessions with a lost counter at once (past it, losses are unattributed).
     """
 
     def __init__(self, on_events: Callable[[list[dict]], None], *,
@@ -211,7 +212,7 @@ class Tracer:
                  max_path: int = 1024, kinds: Iterable[str] = KINDS,
                  ignore_prefixes: Iterable[str] = IGNORE_PREFIXES,
                  ringbuf_pages: int = 512, max_procs: int = 65536, max_connecting: int = 10240,
-                 batch_size: int = 512):
+                 max_lost_keys: int = 16384, batch_size: int = 512):
         kinds = tuple(kinds)
         unknown = set(kinds) - set(KINDS)
         if unknown:
@@ -236,6 +237,10 @@ class Tracer:
         self._callback_error: BaseException | None = None
         self._lost_seen: dict[int, int] = {}
         self._lost_pending: dict[int, int] = {}
+        # Of lost_total (probes.c): what it said at the last look, and how much of it the
+        # per-session counters have accounted for since the load.
+        self._lost_total_seen = 0
+        self._lost_taken = 0
 
         _check_host()
         try:
@@ -249,6 +254,7 @@ class Tracer:
             f"-DMAX_ARGS={max_args}", f"-DMAX_ARG_LEN={max_arg_len}", f"-DARGS_BUF={args_buf}",
             f"-DMAX_PATH={max_path}", f"-DRINGBUF_PAGES={ringbuf_pages}",
             f"-DMAX_PROCS={max_procs}", f"-DMAX_CONNECTING={max_connecting}",
+            f"-DMAX_KEYS={max_lost_keys}",
             "-Wno-macro-redefined",
         ] + [f"-DWANT_{k.upper()}" for k in kinds]
         with _capture_stderr() as log:
@@ -271,6 +277,7 @@ class Tracer:
         self._decoder = Decoder(time_offset=time.time() - time.clock_gettime(time.CLOCK_MONOTONIC))
         self._procs = self._bpf[b"procs"]
         self._lost = self._bpf[b"lost"]
+        self._lost_total = self._bpf[b"lost_total"]
         self._bpf[b"events"].open_ring_buffer(self._on_record)
 
     # -- sessions ----------------------------------------------------------------------------
@@ -325,6 +332,7 @@ class Tracer:
             delta = leaf.value - self._lost_seen.pop(key, 0)
             if delta:
                 self._lost_pending[key] = self._lost_pending.get(key, 0) + delta
+                self._lost_taken += delta
             self._lost.pop(self._lost.Key(key), None)
         return len(gone)
 
@@ -334,7 +342,9 @@ class Tracer:
         leaf = self._lost.get(self._lost.Key(key))
         n = self._lost_pending.pop(key, 0)
         if leaf is not None:
-            n += leaf.value - self._lost_seen.get(key, 0)
+            delta = leaf.value - self._lost_seen.get(key, 0)
+            n += delta
+            self._lost_taken += delta
             self._lost.pop(self._lost.Key(key), None)
         self._lost_seen.pop(key, None)
         return n
@@ -376,8 +386,10 @@ class Tracer:
     def wait(self, timeout_ms: int) -> None:
         """poll()'s first half: wait up to timeout_ms for events and take them in (decoded, not
         handed over). It touches the ring buffer and what flush() hands over, nothing that
-        track() does: another thread may track() meanwhile."""
+        track() does: another thread may track() meanwhile. Events that did not wake us
+        (probes.c: WAKE_BYTES) are taken when the timeout ends."""
         self._bpf.ring_buffer_poll(timeout_ms)
+        self._bpf.ring_buffer_consume()
 
     def flush(self) -> int:
         """poll()'s second half: hand what wait() took in to on_events; returns how many."""
@@ -401,12 +413,21 @@ class Tracer:
         """{key: events lost since the last call}, only keys with losses; key None for losses
         that could not be attributed to a session."""
         out: dict[int | None, int] = {}
-        for k, v in self._lost.items():
-            key = k.value
-            delta = v.value - self._lost_seen.get(key, 0)
-            self._lost_seen[key] = v.value
-            if delta:
-                out[key] = delta
+        # The total first: a loss it counts is in its session's counter already (probes.c
+        # counts there first), so what the counters lack of it is what none could take.
+        total = self._lost_total[self._lost_total.Key(0)].value
+        if total != self._lost_total_seen:  # else nothing new: no walk over every session's
+            self._lost_total_seen = total
+            for k, v in self._lost.items():
+                key = k.value
+                delta = v.value - self._lost_seen.get(key, 0)
+                self._lost_seen[key] = v.value
+                if delta:
+                    out[key] = delta
+                    self._lost_taken += delta
+            if total > self._lost_taken:
+                out[KEY_UNATTRIBUTED] = out.get(KEY_UNATTRIBUTED, 0) + total - self._lost_taken
+                self._lost_taken = total
         for key, n in self._lost_pending.items():
             out[key] = out.get(key, 0) + n
         self._lost_pending.clear()

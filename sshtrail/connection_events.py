@@ -113,6 +113,10 @@ class ConnectionEvents:
         """(start time, connection) of a process, or None if its connection cannot be found."""
         pstart = _start(pid)
         conn = self._known(pid, pstart) or self._connection(pid)
+        if conn is not None and pstart is None and pid in self._procs:
+            # Gone, and known: its first event (the tracer hands it over at once) found it
+            # alive; the rest come in batches, and a wrapper lives ~30 ms before its hello.
+            pstart = self._procs[pid][0]
         if conn is None:
             # Gone already, or left its connection's tree (a daemon, reparented): the process
             # that forked it may still be there, or be known.
